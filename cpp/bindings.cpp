@@ -1,0 +1,35 @@
+// pybind11 module qlora_ext._C: helpers that are not tensor ops. Importing it also runs the
+// TORCH_LIBRARY registrations compiled into the same library.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "cpu/cpu_isa.h"
+
+#ifndef QLORA_EXT_CUDA_ARCHS
+#define QLORA_EXT_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qlora_ext native helpers (the ops are in torch.ops.qlora_ext)";
+  m.def(
+      "build_info",
+      []() {
+        py::dict d;
+#ifdef QLORA_EXT_WITH_CUDA
+        d["cuda"] = true;
+#else
+        d["cuda"] = false;
+#endif
+        d["cuda_archs"] = std::string(QLORA_EXT_CUDA_ARCHS);
+        d["cpu_isa"] = qlora_ext::cpu::isa_name(qlora_ext::cpu::current_isa());
+        d["cpu_isa_detected"] = qlora_ext::cpu::isa_name(qlora_ext::cpu::detected_isa());
+        return d;
+      },
+      "What this build contains: CUDA kernels or not, their archs, the CPU ISA in use.");
+  m.def("set_cpu_isa", &qlora_ext::cpu::set_isa, py::arg("isa"),
+        "Force the CPU kernels onto 'avx512', 'avx2' or 'scalar' ('auto' restores the best).");
+}

@@ -1,0 +1,23 @@
+// Every qlora_ext op schema, declared once. Kernels live in cpp/cpu/ (CPU) and cuda/ (CUDA);
+// fake kernels and autograd formulas in python/qlora_ext/_ops.py; pure-PyTorch references in
+// tests/reference.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(qlora_ext, m) {
+  // Blockwise 4-bit quantization of a flattened float tensor: (packed uint8 [ceil(n/2)], even
+  // element in the high nibble; fp32 absmax [ceil(n/blocksize)]). quant_type: nf4 | fp4 | int4.
+  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  // Inverse of quantize_4bit into `shape`/`dtype`. absmax is fp32, or uint8 codes of a double
+  // quantization that is undone in the kernel: code[absmax] * nested_absmax[group] + offset.
+  m.def(
+      "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, int[] shape, "
+      "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+      "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
+  // Blockwise 8-bit quantization against a sorted 256-entry code (bitsandbytes' dynamic map):
+  // (uint8 codes shaped like A, fp32 absmax per block).
+  m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  // Inverse of quantize_blockwise_8bit: code[A] * absmax[block], cast to dtype.
+  m.def(
+      "dequantize_blockwise_8bit(Tensor A, Tensor absmax, Tensor code, int blocksize, "
+      "ScalarType dtype) -> Tensor");
+}

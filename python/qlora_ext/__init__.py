@@ -1,0 +1,37 @@
+"""qlora_ext: QLoRA building blocks as torch custom ops (C++/CUDA).
+
+The ops live in ``torch.ops.qlora_ext``; this package adds their fake kernels (``_ops``) and
+the user-facing API (``functional``, ``QuantState``).
+"""
+
+import torch  # noqa: F401  (must load libtorch before the extension: _C has no RUNPATH to it)
+
+from . import _C, _ops  # noqa: F401  (_C registers the ops; _ops their fake kernels)
+from .functional import (
+    dequantize_4bit,
+    dequantize_blockwise_8bit,
+    dynamic_code_8bit,
+    get_4bit_code,
+    quantize_4bit,
+    quantize_blockwise_8bit,
+)
+from .quant_state import QuantState
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """What this build contains: CUDA kernels or not, their archs, and the CPU ISA in use."""
+    return dict(_C.build_info())
+
+
+__all__ = [
+    "QuantState",
+    "build_info",
+    "dequantize_4bit",
+    "dequantize_blockwise_8bit",
+    "dynamic_code_8bit",
+    "get_4bit_code",
+    "quantize_4bit",
+    "quantize_blockwise_8bit",
+]

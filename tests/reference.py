@@ -1,0 +1,136 @@
+"""Pure-PyTorch oracles for every qlora_ext op.
+
+These functions define the maths (and the exact rounding) that the C++/CUDA kernels must
+reproduce. They are written for clarity, not speed, and are bit-compatible with
+bitsandbytes 0.50.2 on CPU:
+
+* 4-bit: ``scaled = clamp(x * (1 / absmax), -1, 1)`` for full blocks, ``x / absmax`` for a
+  partial last block (whose absmax is clamped to 1e-38), then the code whose value is nearest,
+  a value exactly on a midpoint going to the lower one (``torch.bucketize`` on midpoints).
+* 8-bit dynamic: bitsandbytes' CPU path looks the code up in a 65536-entry table indexed by
+  ``uint16((v + 1) * 0.5 * 65535 + 0.5)``; entry ``i`` holds the number of midpoints below
+  ``-1 + 2i/65535``. That is *not* always the nearest code (about 0.1% of values near a
+  midpoint land one code away), so the oracle mirrors the table exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
+FP4_RAW = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+INT4_RAW = [7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7]
+
+# Codes sorted by value. The two zeros (codes 0 and 8) keep the order bitsandbytes' argsort
+# produces, so a tiny positive value maps to code 8 exactly as bitsandbytes does.
+SORTED_ORDER = {
+    "nf4": list(range(16)),
+    "fp4": [11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3],
+    "int4": [15, 14, 13, 12, 11, 10, 9, 7, 8, 6, 5, 4, 3, 2, 1, 0],
+}
+
+
+def code_4bit(quant_type: str) -> torch.Tensor:
+    raw = {"nf4": NF4, "fp4": FP4_RAW, "int4": INT4_RAW}[quant_type]
+    t = torch.tensor(raw, dtype=torch.float32)
+    return t / t.abs().max()
+
+
+def dynamic_code_8bit() -> torch.Tensor:
+    """bitsandbytes' signed dynamic map (create_dynamic_map(signed=True, 7, 8))."""
+    data: list[float] = []
+    for i in range(7):
+        n = 2**i + 1
+        b = torch.linspace(0.1, 1, n, dtype=torch.float32)
+        means = (b[:-1] + b[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def _blocks(x: torch.Tensor, blocksize: int):
+    n = x.numel()
+    full = n - n % blocksize
+    return full // blocksize, full
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
+    code = code_4bit(quant_type)
+    order = torch.tensor(SORTED_ORDER[quant_type])
+    s = code[order]
+    bounds = (s[:-1] + s[1:]) / 2
+    x = A.reshape(-1).float()
+    n = x.numel()
+    nb, full = _blocks(x, blocksize)
+    xb = x[:full].reshape(nb, blocksize)
+    absmax = xb.abs().amax(dim=-1) if nb else torch.empty(0)
+    scaled = torch.clamp(xb * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1), -1, 1).reshape(-1)
+    if full < n:
+        am = x[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(x[full:] / am, -1, 1)])
+    if n % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed, absmax
+
+
+def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
+    code = code_4bit(quant_type)
+    p = packed.reshape(-1)
+    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1).long()
+    n = 1
+    for d in shape:
+        n *= d
+    vals = code[q[:n]]
+    idx = torch.arange(n) // blocksize
+    return (vals * absmax.float()[idx]).to(dtype).reshape(shape)
+
+
+def lut_8bit(code: torch.Tensor) -> torch.Tensor:
+    mids = 0.5 * (code[:-1] + code[1:])
+    i = torch.arange(65536, dtype=torch.float32)
+    val = -1.0 + (2.0 * i) / 65535.0
+    return torch.searchsorted(mids, val, side="left").to(torch.uint8)  # count of mids < val
+
+
+def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int):
+    x = A.reshape(-1).float()
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    pad = nblocks * blocksize - n
+    xb = torch.cat([x, x.new_zeros(pad)]).reshape(nblocks, blocksize)
+    absmax = xb.abs().amax(dim=-1)
+    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
+    v = torch.clamp(xb * inv.view(-1, 1), -1, 1)
+    idx = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
+    q = lut_8bit(code)[idx]
+    q[absmax == 0] = 0  # an all-zero block stores code 0, as bitsandbytes does
+    q = q.reshape(-1)[:n]
+    return q.reshape(A.shape), absmax
+
+
+def dequantize_blockwise_8bit(q, absmax, code, blocksize, dtype):
+    n = q.numel()
+    idx = torch.arange(n) // blocksize
+    return (code[q.reshape(-1).long()] * absmax[idx]).to(dtype).reshape(q.shape)
