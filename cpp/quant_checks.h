@@ -69,8 +69,8 @@ inline void check_dequantize_4bit_args(const at::Tensor& packed, const at::Tenso
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ",
               packed.scalar_type());
   int64_t n = shape_numel(shape);
-  TORCH_CHECK(packed.numel() == ceil_div(n, 2), "packed has ", packed.numel(),
-              " bytes but shape ", shape, " needs ", ceil_div(n, 2));
+  TORCH_CHECK(packed.numel() == ceil_div(n, 2), "packed has ", packed.numel(), " bytes but shape ",
+              shape, " needs ", ceil_div(n, 2));
   TORCH_CHECK(absmax.numel() == ceil_div(n, blocksize), "absmax has ", absmax.numel(),
               " elements but shape ", shape, " with blocksize ", blocksize, " needs ",
               ceil_div(n, blocksize));

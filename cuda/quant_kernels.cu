@@ -68,10 +68,9 @@ __device__ __forceinline__ float nan_max(float a, float b) {
 // a warp; beyond, each warp reduces and the warps of one quant block combine through shared
 // memory. The CUDA block has max(256, blocksize / 8) threads, so a quant block never spans two.
 template <typename T>
-__global__ void __launch_bounds__(512) quantize_4bit_kernel(const T* __restrict__ x, int64_t n,
-                                                            int blocksize, CodeTable c, Bounds b,
-                                                            bool vec, uint8_t* __restrict__ packed,
-                                                            float* __restrict__ absmax) {
+__global__ void __launch_bounds__(512)
+    quantize_4bit_kernel(const T* __restrict__ x, int64_t n, int blocksize, CodeTable c, Bounds b,
+                         bool vec, uint8_t* __restrict__ packed, float* __restrict__ absmax) {
   __shared__ float warp_max[16];
   const int tpb = blocksize / kElemsPerThread;  // threads per quant block
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -83,7 +82,8 @@ __global__ void __launch_bounds__(512) quantize_4bit_kernel(const T* __restrict_
 #pragma unroll
   for (int j = 0; j < kElemsPerThread; ++j) m = nan_max(m, fabsf(v[j]));
   const int width = tpb < 32 ? tpb : 32;
-  for (int off = width / 2; off > 0; off >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, off));
+  for (int off = width / 2; off > 0; off >>= 1)
+    m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, off));
   if (tpb > 32) {
     const int warp = threadIdx.x / 32, warps_per_qb = tpb / 32;
     if ((threadIdx.x & 31) == 0) warp_max[warp] = m;
@@ -132,8 +132,8 @@ __device__ __forceinline__ void store8(T* __restrict__ out, int64_t i, const flo
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                           NestedAbsmax nested, int64_t n, int blocksize, CodeTable c,
-                           bool vec_in, T* __restrict__ out) {
+                           NestedAbsmax nested, int64_t n, int blocksize, CodeTable c, bool vec_in,
+                           T* __restrict__ out) {
   __shared__ float table[16];
   if (threadIdx.x < 16) table[threadIdx.x] = c.value[threadIdx.x];
   __syncthreads();
@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t start = int64_t(blockIdx.x) * blocksize;
   const int64_t end = min(n, start + blocksize);
   float m = 0.0f;
-  for (int64_t k = start + threadIdx.x; k < end; k += blockDim.x) m = nan_max(m, fabsf(to_f32(x[k])));
+  for (int64_t k = start + threadIdx.x; k < end; k += blockDim.x)
+    m = nan_max(m, fabsf(to_f32(x[k])));
   for (int off = 16; off > 0; off >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, off));
   if ((threadIdx.x & 31) == 0) s_red[threadIdx.x / 32] = m;
   __syncthreads();
@@ -229,8 +230,8 @@ cudaError_t launch_quantize_4bit(const void* x, DType dt, int64_t n, int64_t blo
   if (n == 0) return cudaSuccess;
   const CodeTable c = code_table(qt);
   const Bounds b = sorted_midpoints(c);
-  const int threads = blocksize / kElemsPerThread > kThreads ? int(blocksize / kElemsPerThread)
-                                                              : kThreads;
+  const int threads =
+      blocksize / kElemsPerThread > kThreads ? int(blocksize / kElemsPerThread) : kThreads;
   const int64_t groups = (n + kElemsPerThread - 1) / kElemsPerThread;
   const unsigned grid = unsigned((groups + threads - 1) / threads);
   return with_type(dt, [&](auto tag) {
@@ -251,9 +252,8 @@ cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax,
   const bool vec_in = (reinterpret_cast<uintptr_t>(packed) & 3) == 0;
   return with_type(dt, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(packed, absmax, nested, n,
-                                                             int(blocksize), c, vec_in,
-                                                             static_cast<T*>(out));
+    dequantize_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(
+        packed, absmax, nested, n, int(blocksize), c, vec_in, static_cast<T*>(out));
   });
 }
 
@@ -264,8 +264,8 @@ cudaError_t launch_quantize_blockwise_8bit(const void* x, DType dt, int64_t n, i
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   return with_type(dt, [&](auto tag) {
     using T = decltype(tag);
-    quantize_8bit_kernel<T><<<unsigned(nblocks), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), n, blocksize, code, q, absmax);
+    quantize_8bit_kernel<T><<<unsigned(nblocks), kThreads, 0, stream>>>(static_cast<const T*>(x), n,
+                                                                        blocksize, code, q, absmax);
   });
 }
 
@@ -277,8 +277,8 @@ cudaError_t launch_dequantize_blockwise_8bit(const uint8_t* q, const float* absm
   const unsigned grid = unsigned(want < 65536 ? want : 65536);  // grid-stride beyond that
   return with_type(dt, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_8bit_kernel<T><<<grid, kThreads, 0, stream>>>(q, absmax, code, n, blocksize,
-                                                             static_cast<T*>(out));
+    dequantize_8bit_kernel<T>
+        <<<grid, kThreads, 0, stream>>>(q, absmax, code, n, blocksize, static_cast<T*>(out));
   });
 }
 

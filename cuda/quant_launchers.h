@@ -23,8 +23,7 @@ struct NestedAbsmax {
 
 // packed: ceil(n/2) bytes; absmax: ceil(n/blocksize) floats. Returns the launch status.
 cudaError_t launch_quantize_4bit(const void* x, DType dt, int64_t n, int64_t blocksize,
-                                 QuantType qt, uint8_t* packed, float* absmax,
-                                 cudaStream_t stream);
+                                 QuantType qt, uint8_t* packed, float* absmax, cudaStream_t stream);
 
 cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax,
                                    const NestedAbsmax& nested, int64_t n, int64_t blocksize,

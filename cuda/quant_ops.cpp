@@ -39,8 +39,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   const int64_t n = x.numel();
   auto packed = at::empty({ceil_div(n, 2)}, x.options().dtype(at::kByte));
   auto absmax = at::empty({ceil_div(n, blocksize)}, x.options().dtype(at::kFloat));
-  check_launch(launch_quantize_4bit(x.const_data_ptr(), to_dtype(x.scalar_type()), n, blocksize,
-                                    qt, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+  check_launch(launch_quantize_4bit(x.const_data_ptr(), to_dtype(x.scalar_type()), n, blocksize, qt,
+                                    packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
                                     c10::cuda::getCurrentCUDAStream()),
                "quantize_4bit");
   // One small device-to-host read; quantization runs once per weight, never in a training step.
@@ -92,11 +92,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
   const int64_t n = x.numel();
   auto q = at::empty(x.sizes(), x.options().dtype(at::kByte));
   auto absmax = at::empty({ceil_div(n, blocksize)}, x.options().dtype(at::kFloat));
-  check_launch(launch_quantize_blockwise_8bit(x.const_data_ptr(), to_dtype(x.scalar_type()), n,
-                                              blocksize, cd.const_data_ptr<float>(),
-                                              q.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                                              c10::cuda::getCurrentCUDAStream()),
-               "quantize_blockwise_8bit");
+  check_launch(
+      launch_quantize_blockwise_8bit(x.const_data_ptr(), to_dtype(x.scalar_type()), n, blocksize,
+                                     cd.const_data_ptr<float>(), q.data_ptr<uint8_t>(),
+                                     absmax.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+      "quantize_blockwise_8bit");
   TORCH_CHECK(n == 0 || at::isfinite(absmax).all().item<bool>(),
               "A contains NaN or Inf; blockwise quantization needs finite values");
   return {q, absmax};
@@ -118,11 +118,11 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& A, const at::Tensor&
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor q = A.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
   auto out = at::empty(q.sizes(), q.options().dtype(dtype));
-  check_launch(launch_dequantize_blockwise_8bit(
-                   q.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(),
-                   cd.const_data_ptr<float>(), q.numel(), blocksize, out.data_ptr(),
-                   to_dtype(dtype), c10::cuda::getCurrentCUDAStream()),
-               "dequantize_blockwise_8bit");
+  check_launch(
+      launch_dequantize_blockwise_8bit(
+          q.const_data_ptr<uint8_t>(), am.const_data_ptr<float>(), cd.const_data_ptr<float>(),
+          q.numel(), blocksize, out.data_ptr(), to_dtype(dtype), c10::cuda::getCurrentCUDAStream()),
+      "dequantize_blockwise_8bit");
   return out;
 }
 

@@ -28,6 +28,7 @@ def bnb_dequantize_4bit(packed, state):
         packed.reshape(-1), absmax.float(), state.code, state.blocksize, state.shape, state.dtype
     )
 
+
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Odd shapes: a partial last block, an odd numel (padding nibble), a 1-D tensor.

@@ -3,9 +3,9 @@ dispatch), clear errors that name the argument, and QuantState (de)serialization
 
 import pytest
 import torch
-from conftest import DEVICES, HAS_CUDA_KERNELS
 
 import qlora_ext
+from conftest import DEVICES, HAS_CUDA_KERNELS
 
 ops = torch.ops.qlora_ext
 
@@ -47,19 +47,21 @@ def test_bad_inputs_name_the_argument(device):
     with pytest.raises(RuntimeError, match="packed has 2048 bytes but shape"):
         ops.dequantize_4bit(packed.reshape(-1), state.absmax, 64, "nf4", [64, 65], torch.float32)
     with pytest.raises(RuntimeError, match="absmax has 64 elements"):
-        ops.dequantize_4bit(packed.reshape(-1), state.absmax, 128, "nf4", [64, 64],
-                            torch.float32)
+        ops.dequantize_4bit(packed.reshape(-1), state.absmax, 128, "nf4", [64, 64], torch.float32)
     with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16"):
         ops.dequantize_4bit(packed.reshape(-1), state.absmax, 64, "nf4", [64, 64], torch.int8)
     with pytest.raises(RuntimeError, match="absmax must be float32 .plain. or uint8"):
-        ops.dequantize_4bit(packed.reshape(-1), state.absmax.half(), 64, "nf4", [64, 64],
-                            torch.float32)
+        ops.dequantize_4bit(
+            packed.reshape(-1), state.absmax.half(), 64, "nf4", [64, 64], torch.float32
+        )
     with pytest.raises(RuntimeError, match="needs nested_absmax, nested_code and nested_offset"):
-        ops.dequantize_4bit(packed.reshape(-1), state.absmax.to(torch.uint8), 64, "nf4",
-                            [64, 64], torch.float32)
+        ops.dequantize_4bit(
+            packed.reshape(-1), state.absmax.to(torch.uint8), 64, "nf4", [64, 64], torch.float32
+        )
     with pytest.raises(RuntimeError, match="packed must be uint8"):
-        ops.dequantize_4bit(packed.reshape(-1).float(), state.absmax, 64, "nf4", [64, 64],
-                            torch.float32)
+        ops.dequantize_4bit(
+            packed.reshape(-1).float(), state.absmax, 64, "nf4", [64, 64], torch.float32
+        )
     code = qlora_ext.dynamic_code_8bit(device)
     with pytest.raises(RuntimeError, match="code must be a float32 tensor of 256"):
         ops.quantize_blockwise_8bit(w, code[:128], 256)
@@ -93,8 +95,9 @@ def test_quant_state_round_trip_and_errors():
     packed, state = qlora_ext.quantize_4bit(w, 64, "fp4", double_quant=True)
     d = state.as_dict(packed=True)
     back = qlora_ext.QuantState.from_dict(d)
-    assert torch.equal(qlora_ext.dequantize_4bit(packed, back),
-                       qlora_ext.dequantize_4bit(packed, state))
+    assert torch.equal(
+        qlora_ext.dequantize_4bit(packed, back), qlora_ext.dequantize_4bit(packed, state)
+    )
     unpacked = qlora_ext.QuantState.from_dict(state.as_dict(packed=False))
     assert unpacked.blocksize == 64 and unpacked.quant_type == "fp4" and unpacked.nested
     with pytest.raises(ValueError, match="unknown quant-state keys"):

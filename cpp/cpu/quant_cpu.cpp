@@ -9,8 +9,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "../codes.h"
 #include "../quant_checks.h"
+#include "cpu_alloc.h"
 #include "cpu_isa.h"
 #include "simd.h"
 
@@ -26,8 +29,8 @@ inline uint8_t pack2(uint8_t hi, uint8_t lo) { return uint8_t((hi << 4) | lo); }
 // Returns the block's absmax (NaN if the block held a NaN) and writes ceil(len / 2) bytes.
 
 template <typename T>
-float quantize_block_scalar(const T* x, int64_t len, bool full, const CodeTable& c,
-                            const Bounds& b, uint8_t* out) {
+float quantize_block_scalar(const T* x, int64_t len, bool full, const CodeTable& c, const Bounds& b,
+                            uint8_t* out) {
   float am = 0.0f;
   bool nan = false;
   for (int64_t i = 0; i < len; ++i) {
@@ -45,7 +48,8 @@ float quantize_block_scalar(const T* x, int64_t len, bool full, const CodeTable&
   for (int64_t i = 0; i + 1 < len; i += 2) {
     out[i / 2] = pack2(quantize_scaled(scaled(i), c, b), quantize_scaled(scaled(i + 1), c, b));
   }
-  if (len % 2) out[len / 2] = pack2(quantize_scaled(scaled(len - 1), c, b), quantize_scaled(0.f, c, b));
+  if (len % 2)
+    out[len / 2] = pack2(quantize_scaled(scaled(len - 1), c, b), quantize_scaled(0.f, c, b));
   return nan ? NAN : am;
 }
 
@@ -259,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   check_float_input(A, "A");
   const at::Tensor x = A.contiguous();
   const int64_t n = x.numel();
-  auto packed = at::empty({ceil_div(n, 2)}, x.options().dtype(at::kByte));
+  auto packed = empty_large({ceil_div(n, 2)}, at::kByte);
   auto absmax = at::empty({ceil_div(n, blocksize)}, x.options().dtype(at::kFloat));
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -272,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
 }
 
 AbsmaxSource absmax_source(const at::Tensor& absmax, const std::optional<at::Tensor>& na,
-                           const std::optional<at::Tensor>& nc,
-                           const std::optional<at::Tensor>& no, int64_t nested_blocksize) {
+                           const std::optional<at::Tensor>& nc, const std::optional<at::Tensor>& no,
+                           int64_t nested_blocksize) {
   AbsmaxSource s;
   if (absmax.scalar_type() == at::kFloat) {
     s.absmax_f32 = absmax.const_data_ptr<float>();
@@ -303,13 +307,12 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   if (nested_absmax) na = nested_absmax->contiguous();
   if (nested_code) nc = nested_code->contiguous();
   if (nested_offset) no = nested_offset->contiguous();
-  auto out = at::empty(shape, packed.options().dtype(dtype));
+  auto out = empty_large(shape, dtype);  // Note [Huge-page outputs]
   const int64_t n = out.numel();
   const AbsmaxSource src = absmax_source(am, na, nc, no, nested_blocksize);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    dequantize_4bit_impl<T>(p.const_data_ptr<uint8_t>(), src, n, blocksize, qt,
-                            out.data_ptr<T>());
+    dequantize_4bit_impl<T>(p.const_data_ptr<uint8_t>(), src, n, blocksize, qt, out.data_ptr<T>());
   });
   return out;
 }
@@ -327,7 +330,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
   const int64_t nblocks = ceil_div(n, blocksize);
   auto q = at::empty(x.sizes(), x.options().dtype(at::kByte));
   auto absmax = at::empty({nblocks}, x.options().dtype(at::kFloat));
-  const float* c = cd.const_data_ptr<float>();
+  // bitsandbytes' 65536-entry table (see codes.h): entry i = quantize_8bit_scaled of the grid
+  // value i, built by one merge over the sorted midpoints instead of a search per element.
+  std::vector<uint8_t> lut(kLutSize);
+  {
+    const float* c = cd.const_data_ptr<float>();
+    int k = 0;
+    for (int i = 0; i < kLutSize; ++i) {
+      const float v = lut_grid_value(i);
+      while (k < 255 && 0.5f * (c[k] + c[k + 1]) < v) ++k;
+      lut[i] = uint8_t(k);
+    }
+  }
+  const uint8_t* table = lut.data();
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* ap = absmax.data_ptr<float>();
   dispatch_float(x.scalar_type(), [&](auto tag) {
@@ -350,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
           continue;
         }
         const float inv = 1.0f / am;
-        for (int64_t i = start; i < end; ++i) qp[i] = quantize_8bit_scaled(c, to_f32(xp[i]) * inv);
+        for (int64_t i = start; i < end; ++i) qp[i] = table[lut_index(to_f32(xp[i]) * inv)];
       }
     });
   });
@@ -371,7 +386,7 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& A, const at::Tensor& 
               " elements but A has ", A.numel(), " values in blocks of ", blocksize, ", needing ",
               ceil_div(A.numel(), blocksize));
   const at::Tensor q = A.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
-  auto out = at::empty(q.sizes(), q.options().dtype(dtype));
+  auto out = empty_large(q.sizes(), dtype);
   const int64_t n = q.numel();
   const uint8_t* qp = q.const_data_ptr<uint8_t>();
   const float* ap = am.const_data_ptr<float>();

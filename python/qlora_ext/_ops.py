@@ -21,8 +21,9 @@ def _ceil_div(a, b):
 def _check_4bit_args(blocksize: int, quant_type: str) -> None:
     torch._check(
         blocksize in _BLOCKSIZES_4BIT,
-        lambda: f"blocksize must be one of {', '.join(map(str, _BLOCKSIZES_4BIT))}, "
-        f"got {blocksize}",
+        lambda: (
+            f"blocksize must be one of {', '.join(map(str, _BLOCKSIZES_4BIT))}, got {blocksize}"
+        ),
     )
     torch._check(
         quant_type in _QUANT_TYPES,
@@ -56,20 +57,25 @@ def _(
     nested_blocksize=256,
 ):
     _check_4bit_args(blocksize, quant_type)
-    torch._check(dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    torch._check(
+        dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}"
+    )
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
     n = 1
     for d in shape:
         n *= d
     torch._check(
         packed.numel() == _ceil_div(n, 2),
-        lambda: f"packed has {packed.numel()} bytes but shape {list(shape)} needs "
-        f"{_ceil_div(n, 2)}",
+        lambda: (
+            f"packed has {packed.numel()} bytes but shape {list(shape)} needs {_ceil_div(n, 2)}"
+        ),
     )
     torch._check(
         absmax.numel() == _ceil_div(n, blocksize),
-        lambda: f"absmax has {absmax.numel()} elements but shape {list(shape)} with blocksize "
-        f"{blocksize} needs {_ceil_div(n, blocksize)}",
+        lambda: (
+            f"absmax has {absmax.numel()} elements but shape {list(shape)} with blocksize "
+            f"{blocksize} needs {_ceil_div(n, blocksize)}"
+        ),
     )
     nested = absmax.dtype == torch.uint8
     torch._check(
@@ -79,8 +85,10 @@ def _(
     if nested:
         torch._check(
             nested_absmax is not None and nested_code is not None and nested_offset is not None,
-            lambda: "a uint8 (double-quantized) absmax needs nested_absmax, nested_code and "
-            "nested_offset",
+            lambda: (
+                "a uint8 (double-quantized) absmax needs nested_absmax, nested_code and "
+                "nested_offset"
+            ),
         )
     return packed.new_empty(tuple(shape), dtype=dtype)
 
@@ -105,5 +113,7 @@ def _(A, code, blocksize):
 def _(A, absmax, code, blocksize, dtype):
     torch._check(blocksize > 0, lambda: f"blocksize must be positive, got {blocksize}")
     torch._check(A.dtype == torch.uint8, lambda: f"A must be uint8, got {A.dtype}")
-    torch._check(dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    torch._check(
+        dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}"
+    )
     return torch.empty_like(A, dtype=dtype)

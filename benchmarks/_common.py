@@ -1,0 +1,105 @@
+"""Shared benchmark plumbing: timing (CUDA events or a wall clock), machine description,
+and writing a result table into a marked section of benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_MD = Path(__file__).with_name("RESULTS.md")
+
+
+def time_fn(fn, device: str, min_time: float = 0.5, min_runs: int = 5, warmup: int = 2) -> float:
+    """Median seconds per call. CUDA work is timed with events, so launch latency and the host
+    clock are out of it; CPU work with perf_counter."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start_all < min_time:
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy ceiling, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device)
+    return 2 * nbytes / t / 1e9
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def write_section(name: str, title: str, table: str, device: str, notes: str = "") -> None:
+    """Replace (or append) the section `name` of RESULTS.md with a fresh table."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    body = (
+        f"<!-- {name}:start -->\n## {title}\n\n"
+        f"- machine: {machine(device)}\n- date: {stamp}, commit {commit or 'n/a'}\n"
+        f"- command: `{command_line()}`\n\n{table}\n{notes}\n<!-- {name}:end -->"
+    )
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    pattern = re.compile(
+        rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S
+    )
+    text = (
+        pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body
+    )
+    RESULTS_MD.write_text(text.rstrip() + "\n")
+
+
+def write_json(path: str | None, rows: list[dict]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=2))
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
