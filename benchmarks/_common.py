@@ -19,11 +19,18 @@ import torch
 RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
 
-def time_fn(fn, device: str, min_time: float = 0.5, min_runs: int = 5, warmup: int = 2) -> float:
+def time_fn(
+    fn, device: str, min_time: float = 0.5, min_runs: int = 5, warmup: float = 0.2
+) -> float:
     """Median seconds per call. CUDA work is timed with events, so launch latency and the host
-    clock are out of it; CPU work with perf_counter."""
-    for _ in range(warmup):
+    clock are out of it; CPU work with perf_counter. Warm-up runs for `warmup` seconds (at least
+    twice): the first large allocations of a process are slower while the kernel assembles
+    huge pages."""
+    t_end = time.perf_counter() + warmup
+    for i in range(1000):
         fn()
+        if i >= 1 and time.perf_counter() > t_end:
+            break
     times = []
     start_all = time.perf_counter()
     while len(times) < min_runs or time.perf_counter() - start_all < min_time:

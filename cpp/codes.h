@@ -66,11 +66,15 @@ QX_HD Bounds sorted_midpoints(const CodeTable& c) {
 }
 
 // Nearest code for a value already scaled into [-1, 1]. A value exactly on a midpoint goes to
-// the lower code (torch.bucketize(right=False), bitsandbytes' rule).
-QX_HD uint8_t quantize_scaled(float scaled, const CodeTable& c, const Bounds& b) {
+// the lower code (torch.bucketize(right=False), bitsandbytes' rule). mid: 15 sorted midpoints;
+// sorted_code: the codes in value order (arrays, so CUDA kernels can keep them in shared memory).
+QX_HD uint8_t quantize_scaled(float scaled, const float* mid, const uint8_t* sorted_code) {
   int rank = 0;
-  for (int i = 0; i < 15; ++i) rank += (b.mid[i] < scaled) ? 1 : 0;
-  return c.sorted_code[rank];
+  for (int i = 0; i < 15; ++i) rank += (mid[i] < scaled) ? 1 : 0;
+  return sorted_code[rank];
+}
+QX_HD uint8_t quantize_scaled(float scaled, const CodeTable& c, const Bounds& b) {
+  return quantize_scaled(scaled, b.mid, c.sorted_code);
 }
 
 QX_HD float clamp_unit(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }

@@ -20,4 +20,17 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def(
       "dequantize_blockwise_8bit(Tensor A, Tensor absmax, Tensor code, int blocksize, "
       "ScalarType dtype) -> Tensor");
+  // out = A @ dequant(W)^T (+ bias), A [..., K] float, W a 4-bit [N, K] weight (K a multiple of
+  // blocksize). The weight is never dequantized whole: small M streams it, large M goes panel
+  // by panel. out has A's dtype and shape [..., N].
+  m.def(
+      "gemm_4bit(Tensor A, Tensor packed, Tensor absmax, int N, int K, int blocksize, "
+      "str quant_type, Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+      "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
+  // The input gradient of gemm_4bit: grad_A = grad_out @ dequant(W), [..., N] -> [..., K],
+  // with the same no-materialization rule.
+  m.def(
+      "gemm_4bit_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, int N, int K, "
+      "int blocksize, str quant_type, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+      "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
 }

@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_utils.cuh"
 #include "quant_launchers.h"
 
 namespace qlora_ext::cuda {
@@ -18,25 +19,6 @@ constexpr int kElemsPerThread = 8;
 // Register budget: these kernels hold 8 inputs and a few scalars; 256 threads x 64 registers
 // keeps 8 blocks resident per SM. Checked by scripts/check_cuda_build.py.
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // Load 8 elements as 16-byte vectors when they are all in range and aligned, else one by one.
 template <typename T>
@@ -72,6 +54,14 @@ __global__ void __launch_bounds__(512)
     quantize_4bit_kernel(const T* __restrict__ x, int64_t n, int blocksize, CodeTable c, Bounds b,
                          bool vec, uint8_t* __restrict__ packed, float* __restrict__ absmax) {
   __shared__ float warp_max[16];
+  __shared__ float s_value[16], s_mid[15];
+  __shared__ uint8_t s_sorted[16];
+  load_code_table(c, s_value, s_sorted);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < 15; ++i) s_mid[i] = b.mid[i];
+  }
+  __syncthreads();
   const int tpb = blocksize / kElemsPerThread;  // threads per quant block
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t i = t * kElemsPerThread;
@@ -103,7 +93,7 @@ __global__ void __launch_bounds__(512)
 #pragma unroll
   for (int j = 0; j < kElemsPerThread; ++j) {
     const float s = (i + j < n) ? clamp_unit(full ? mul_rn(v[j], inv) : div_rn(v[j], m)) : 0.0f;
-    q[j] = quantize_scaled(s, c, b);
+    q[j] = quantize_scaled(s, s_mid, s_sorted);
   }
   uint32_t word = 0;
 #pragma unroll
@@ -132,22 +122,29 @@ __device__ __forceinline__ void store8(T* __restrict__ out, int64_t i, const flo
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                           NestedAbsmax nested, int64_t n, int blocksize, CodeTable c, bool vec_in,
-                           T* __restrict__ out) {
+                           NestedAbsmax nested, Slice slice, int blocksize, CodeTable c,
+                           bool vec_in, T* __restrict__ out) {
   __shared__ float table[16];
-  if (threadIdx.x < 16) table[threadIdx.x] = c.value[threadIdx.x];
+  __shared__ uint8_t unused_sorted[16];
+  load_code_table(c, table, unused_sorted);
   __syncthreads();
+  const int64_t n = slice.rows * slice.cols;
   const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kElemsPerThread;
   if (i >= n) return;
-  const int64_t qb = i / blocksize;
+  // The 8 elements i .. i + 7 of the slice sit in one row (cols is a multiple of 8 unless the
+  // slice is a single row) and in one quant block (blocksize and col0 are multiples of 8).
+  const int64_t r = i / slice.cols;
+  const int64_t e = (slice.row0 + r) * slice.ld + slice.col0 + (i - r * slice.cols);
+  const int64_t qb = e / blocksize;
   const float scale =
       nested.codes ? nested_absmax(__ldg(nested.code + nested.codes[qb]),
                                    __ldg(nested.absmax + qb / nested.blocksize), *nested.offset)
                    : __ldg(absmax + qb);
   float v[kElemsPerThread];
-  if (vec_in && i + kElemsPerThread <= n) {
+  const bool row_ok = i - r * slice.cols + kElemsPerThread <= slice.cols;
+  if (vec_in && row_ok && i + kElemsPerThread <= n) {
     // Weights are read exactly once: stream them past L1 with an evict-first load.
-    const uint32_t word = __ldcs(reinterpret_cast<const unsigned int*>(packed + i / 2));
+    const uint32_t word = __ldcs(reinterpret_cast<const unsigned int*>(packed + e / 2));
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t byte = (word >> (8 * j)) & 0xFF;
@@ -157,8 +154,9 @@ __global__ void __launch_bounds__(kThreads)
     store8(out, i, v);
   } else {
     for (int j = 0; j < kElemsPerThread && i + j < n; ++j) {
-      const uint8_t byte = packed[(i + j) / 2];
-      const uint8_t code = ((i + j) % 2 == 0) ? (byte >> 4) : (byte & 0xF);
+      const int64_t ej = e + j;
+      const uint8_t byte = packed[ej / 2];
+      const uint8_t code = (ej % 2 == 0) ? (byte >> 4) : (byte & 0xF);
       out[i + j] = from_f32<T>(mul_rn(table[code], scale));
     }
   }
@@ -242,18 +240,20 @@ cudaError_t launch_quantize_4bit(const void* x, DType dt, int64_t n, int64_t blo
 }
 
 cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax,
-                                   const NestedAbsmax& nested, int64_t n, int64_t blocksize,
-                                   QuantType qt, void* out, DType dt, cudaStream_t stream) {
+                                   const NestedAbsmax& nested, const Slice& slice,
+                                   int64_t blocksize, QuantType qt, void* out, DType dt,
+                                   cudaStream_t stream) {
+  const int64_t n = slice.rows * slice.cols;
   if (n == 0) return cudaSuccess;
   const CodeTable c = code_table(qt);
   const int64_t groups = (n + kElemsPerThread - 1) / kElemsPerThread;
   const unsigned grid = unsigned((groups + kThreads - 1) / kThreads);
-  // out is a fresh allocation (16-byte aligned); packed may be a view at any byte offset.
+  // out is a fresh allocation or panel (16-byte aligned); packed may sit at any byte offset.
   const bool vec_in = (reinterpret_cast<uintptr_t>(packed) & 3) == 0;
   return with_type(dt, [&](auto tag) {
     using T = decltype(tag);
     dequantize_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(
-        packed, absmax, nested, n, int(blocksize), c, vec_in, static_cast<T*>(out));
+        packed, absmax, nested, slice, int(blocksize), c, vec_in, static_cast<T*>(out));
   });
 }
 

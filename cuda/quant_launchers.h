@@ -25,9 +25,26 @@ struct NestedAbsmax {
 cudaError_t launch_quantize_4bit(const void* x, DType dt, int64_t n, int64_t blocksize,
                                  QuantType qt, uint8_t* packed, float* absmax, cudaStream_t stream);
 
+// A rectangle of a 4-bit tensor viewed as [rows, ld]: rows [row0, row0 + rows), columns
+// [col0, col0 + cols). The whole tensor of n elements is {0, 1, n, 0, n}. For a weight [N, K],
+// col0 and cols must be multiples of the blocksize (so are K-panels and N-panels).
+struct Slice {
+  int64_t row0, rows, ld, col0, cols;
+};
+
+// out receives the slice densely, [rows, cols].
 cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax,
-                                   const NestedAbsmax& nested, int64_t n, int64_t blocksize,
-                                   QuantType qt, void* out, DType dt, cudaStream_t stream);
+                                   const NestedAbsmax& nested, const Slice& slice,
+                                   int64_t blocksize, QuantType qt, void* out, DType dt,
+                                   cudaStream_t stream);
+
+// Small-M 4-bit GEMM: out[m, n] = sum_k A[m, k] * dequant(W)[n, k] (+ bias[n]) for M <= 16.
+// ws is an fp32 workspace of splits * M * N floats (splits from gemv_4bit_splits).
+int gemv_4bit_splits(int64_t N, int64_t K, int num_sms);
+cudaError_t launch_gemv_4bit(const void* A, DType dt, int64_t M, int64_t N, int64_t K,
+                             const uint8_t* packed, const float* absmax, const NestedAbsmax& nested,
+                             int64_t blocksize, QuantType qt, const void* bias, DType bias_dt,
+                             int splits, float* ws, void* out, cudaStream_t stream);
 
 cudaError_t launch_quantize_blockwise_8bit(const void* x, DType dt, int64_t n, int64_t blocksize,
                                            const float* code, uint8_t* q, float* absmax,

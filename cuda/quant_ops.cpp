@@ -6,28 +6,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda_glue.h"
 #include "quant_checks.h"
 #include "quant_launchers.h"
 
 namespace qlora_ext::cuda {
 namespace {
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return DType::F32;
-    case at::kHalf:
-      return DType::F16;
-    case at::kBFloat16:
-      return DType::BF16;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " kernel launch failed: ", cudaGetErrorString(err));
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
                                                       c10::string_view quant_type) {
@@ -61,23 +45,17 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                              nested_offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor p = packed.contiguous(), am = absmax.contiguous();
-  at::Tensor na, nc, no;
-  NestedAbsmax nested;
-  if (am.scalar_type() == at::kByte) {
-    na = nested_absmax->contiguous();
-    nc = nested_code->contiguous();
-    no = nested_offset->contiguous();
-    nested.codes = am.const_data_ptr<uint8_t>();
-    nested.absmax = na.const_data_ptr<float>();
-    nested.code = nc.const_data_ptr<float>();
-    nested.offset = no.const_data_ptr<float>();
-    nested.blocksize = nested_blocksize;
-  }
+  std::optional<at::Tensor> na, nc, no;
+  if (nested_absmax) na = nested_absmax->contiguous();
+  if (nested_code) nc = nested_code->contiguous();
+  if (nested_offset) no = nested_offset->contiguous();
+  const NestedAbsmax nested = nested_view(am, na, nc, no, nested_blocksize);
   auto out = at::empty(shape, packed.options().dtype(dtype));
+  const int64_t n = out.numel();
   check_launch(launch_dequantize_4bit(p.const_data_ptr<uint8_t>(),
                                       nested.codes ? nullptr : am.const_data_ptr<float>(), nested,
-                                      out.numel(), blocksize, qt, out.data_ptr(), to_dtype(dtype),
-                                      c10::cuda::getCurrentCUDAStream()),
+                                      Slice{0, 1, n, 0, n}, blocksize, qt, out.data_ptr(),
+                                      to_dtype(dtype), c10::cuda::getCurrentCUDAStream()),
                "dequantize_4bit");
   return out;
 }

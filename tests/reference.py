@@ -151,3 +151,16 @@ def dequantize_blockwise_8bit(q, absmax, code, blocksize, dtype):
     n = q.numel()
     idx = torch.arange(n) // blocksize
     return (code[q.reshape(-1).long()] * absmax[idx]).to(dtype).reshape(q.shape)
+
+
+def gemm_4bit(A, packed, absmax, N, K, blocksize, quant_type, bias=None):
+    """A @ dequant(W)^T (+ bias) in float64: the oracle for gemm_4bit."""
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, (N, K), torch.float64)
+    out = A.double() @ W.t()
+    return out if bias is None else out + bias.double()
+
+
+def gemm_4bit_grad_input(G, packed, absmax, N, K, blocksize, quant_type):
+    """grad_out @ dequant(W) in float64: the oracle for gemm_4bit_grad_input."""
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, (N, K), torch.float64)
+    return G.double() @ W

@@ -15,6 +15,7 @@
 #include "../quant_checks.h"
 #include "cpu_alloc.h"
 #include "cpu_isa.h"
+#include "dequant4.h"
 #include "simd.h"
 
 namespace qlora_ext::cpu {
@@ -152,106 +153,14 @@ void quantize_4bit_impl(const T* x, int64_t n, int64_t blocksize, QuantType qt, 
   });
 }
 
-// ---------------------------------------------------------------- 4-bit dequantize
-
-// The fp32 scale of block `blk`, plain or double-quantized.
-inline float block_scale(const AbsmaxSource& s, int64_t blk) {
-  if (s.absmax_f32) return s.absmax_f32[blk];
-  return nested_absmax(s.nested_code[s.absmax_u8[blk]], s.nested_absmax[blk / s.nested_blocksize],
-                       *s.nested_offset);
-}
-
-template <typename T>
-void dequantize_block_scalar(const uint8_t* p, int64_t len, float scale, const float* table,
-                             T* out) {
-  for (int64_t i = 0; i < len; ++i) {
-    uint8_t byte = p[i / 2];
-    uint8_t q = (i % 2 == 0) ? (byte >> 4) : (byte & 0xF);
-    out[i] = from_f32<T>(table[q] * scale);
-  }
-}
-
-#if QX_X86
-template <typename T>
-QX_TARGET_AVX512 void dequantize_block_avx512(const uint8_t* p, int64_t len, float scale,
-                                              const float* table, T* out) {
-  const __m512 tab = _mm512_loadu_ps(table);
-  const __m512 vs = _mm512_set1_ps(scale);
-  const __m128i low4 = _mm_set1_epi16(0x000F);
-  for (int64_t i = 0; i < len; i += 16) {
-    __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i / 2)));
-    // Byte order hi0, lo0, hi1, lo1, ... (even element in the high nibble).
-    __m128i nib = _mm_or_si128(_mm_srli_epi16(w, 4), _mm_slli_epi16(_mm_and_si128(w, low4), 8));
-    __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nib), tab);
-    store16(out + i, _mm512_mul_ps(v, vs));
-  }
-}
-
-template <typename T>
-QX_TARGET_AVX2 void dequantize_block_avx2(const uint8_t* p, int64_t len, float scale,
-                                          const float* table, T* out) {
-  const __m256 tab_lo = _mm256_loadu_ps(table);
-  const __m256 tab_hi = _mm256_loadu_ps(table + 8);
-  const __m256 vs = _mm256_set1_ps(scale);
-  const __m128i low4 = _mm_set1_epi16(0x000F);
-  const __m256i seven = _mm256_set1_epi32(7);
-  for (int64_t i = 0; i < len; i += 8) {
-    int32_t four;
-    std::memcpy(&four, p + i / 2, 4);
-    __m128i w = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(four));
-    __m128i nib = _mm_or_si128(_mm_srli_epi16(w, 4), _mm_slli_epi16(_mm_and_si128(w, low4), 8));
-    __m256i idx = _mm256_cvtepu8_epi32(nib);
-    __m256 lo = _mm256_permutevar8x32_ps(tab_lo, idx);
-    __m256 hi = _mm256_permutevar8x32_ps(tab_hi, idx);
-    __m256 v = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
-    store8(out + i, _mm256_mul_ps(v, vs));
-  }
-}
-#endif
-
 template <typename T>
 void dequantize_4bit_impl(const uint8_t* packed, const AbsmaxSource& src, int64_t n,
                           int64_t blocksize, QuantType qt, T* out) {
   const CodeTable c = code_table(qt);
-  const int64_t nblocks = ceil_div(n, blocksize);
   const Isa isa = current_isa();
-  at::parallel_for(0, nblocks, grain_for(blocksize), [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t start = blk * blocksize;
-      const int64_t len = std::min(blocksize, n - start);
-      const float scale = block_scale(src, blk);
-      const uint8_t* pb = packed + start / 2;
-#if QX_X86
-      if (len == blocksize && isa == Isa::Avx512) {
-        dequantize_block_avx512(pb, len, scale, c.value, out + start);
-        continue;
-      }
-      if (len == blocksize && isa == Isa::Avx2) {
-        dequantize_block_avx2(pb, len, scale, c.value, out + start);
-        continue;
-      }
-#endif
-      dequantize_block_scalar(pb, len, scale, c.value, out + start);
-    }
+  at::parallel_for(0, ceil_div(n, blocksize), grain_for(blocksize), [&](int64_t lo, int64_t hi) {
+    dequantize_blocks(packed, src, lo, hi, n, blocksize, c.value, isa, out + lo * blocksize);
   });
-}
-
-// Explicit dtype switch: float, half and bfloat16 are the only element types we compile.
-template <typename F>
-void dispatch_float(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK(false, "unsupported dtype ", dt);
-  }
 }
 
 // ---------------------------------------------------------------- ops
@@ -273,22 +182,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   TORCH_CHECK(n == 0 || at::isfinite(absmax).all().item<bool>(),
               "A contains NaN or Inf; 4-bit quantization needs finite values");
   return {packed, absmax};
-}
-
-AbsmaxSource absmax_source(const at::Tensor& absmax, const std::optional<at::Tensor>& na,
-                           const std::optional<at::Tensor>& nc, const std::optional<at::Tensor>& no,
-                           int64_t nested_blocksize) {
-  AbsmaxSource s;
-  if (absmax.scalar_type() == at::kFloat) {
-    s.absmax_f32 = absmax.const_data_ptr<float>();
-  } else {
-    s.absmax_u8 = absmax.const_data_ptr<uint8_t>();
-    s.nested_absmax = na->const_data_ptr<float>();
-    s.nested_code = nc->const_data_ptr<float>();
-    s.nested_offset = no->const_data_ptr<float>();
-    s.nested_blocksize = nested_blocksize;
-  }
-  return s;
 }
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax,

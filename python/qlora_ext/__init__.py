@@ -6,12 +6,13 @@ the user-facing API (``functional``, ``QuantState``).
 
 import torch  # noqa: F401  (must load libtorch before the extension: _C has no RUNPATH to it)
 
-from . import _C, _ops  # noqa: F401  (_C registers the ops; _ops their fake kernels)
+from . import _C, _ops, nn  # noqa: F401  (_C registers the ops; _ops their fake kernels)
 from .functional import (
     dequantize_4bit,
     dequantize_blockwise_8bit,
     dynamic_code_8bit,
     get_4bit_code,
+    matmul_4bit,
     quantize_4bit,
     quantize_blockwise_8bit,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "dequantize_blockwise_8bit",
     "dynamic_code_8bit",
     "get_4bit_code",
+    "matmul_4bit",
     "quantize_4bit",
     "quantize_blockwise_8bit",
 ]

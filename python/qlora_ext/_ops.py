@@ -117,3 +117,107 @@ def _(A, absmax, code, blocksize, dtype):
         dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}"
     )
     return torch.empty_like(A, dtype=dtype)
+
+
+def _check_gemm(x, x_name, x_last, packed, absmax, N, K, blocksize, quant_type):
+    _check_4bit_args(blocksize, quant_type)
+    torch._check(
+        x.dtype in _FLOATS or (x.dtype == torch.float64 and x.device.type in ("cpu", "meta")),
+        lambda: (
+            f"{x_name} must be float32, float16 or bfloat16 (or float64 on the CPU), got {x.dtype}"
+        ),
+    )
+    torch._check(
+        x.dim() >= 1 and x.shape[-1] == x_last,
+        lambda: (
+            f"{x_name} has last dimension {x.shape[-1] if x.dim() else 0} but the 4-bit "
+            f"weight [N={N}, K={K}] needs {x_last}"
+        ),
+    )
+    torch._check(
+        K % blocksize == 0,
+        lambda: (
+            f"K={K} is not a multiple of blocksize={blocksize}: a 4-bit block would span two "
+            "rows of the weight; quantize it with a blocksize that divides K"
+        ),
+    )
+    torch._check(
+        packed.numel() == _ceil_div(N * K, 2),
+        lambda: (
+            f"packed has {packed.numel()} bytes but shape [{N}, {K}] needs {_ceil_div(N * K, 2)}"
+        ),
+    )
+
+
+@torch.library.register_fake("qlora_ext::gemm_4bit")
+def _(
+    A,
+    packed,
+    absmax,
+    N,
+    K,
+    blocksize,
+    quant_type,
+    bias=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_offset=None,
+    nested_blocksize=256,
+):
+    _check_gemm(A, "A", K, packed, absmax, N, K, blocksize, quant_type)
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == N,
+            lambda: f"bias must have shape [{N}], got {list(bias.shape)}",
+        )
+    return A.new_empty((*A.shape[:-1], N))
+
+
+@torch.library.register_fake("qlora_ext::gemm_4bit_grad_input")
+def _(
+    grad_out,
+    packed,
+    absmax,
+    N,
+    K,
+    blocksize,
+    quant_type,
+    nested_absmax=None,
+    nested_code=None,
+    nested_offset=None,
+    nested_blocksize=256,
+):
+    _check_gemm(grad_out, "grad_out", N, packed, absmax, N, K, blocksize, quant_type)
+    return grad_out.new_empty((*grad_out.shape[:-1], K))
+
+
+# ---- autograd for gemm_4bit -----------------------------------------------------------------
+# out = A @ W^T + b with W = dequant(W4) frozen:
+#   dL/dA = dL/dout @ W        (gemm_4bit_grad_input: W is dequantized panel by panel, never whole)
+#   dL/db = sum of dL/dout over every leading dimension
+# W4, its absmax and the nested state are integer/constant data and get no gradient.
+
+_GEMM_WEIGHT_ARGS = ("packed", "absmax", "N", "K", "blocksize", "quant_type")
+_GEMM_NESTED_ARGS = ("nested_absmax", "nested_code", "nested_offset", "nested_blocksize")
+
+
+def _gemm_setup_context(ctx, inputs, output):
+    (A, packed, absmax, N, K, blocksize, quant_type, bias, na, nc, no, nbs) = inputs
+    ctx.weight = (packed, absmax, N, K, blocksize, quant_type)
+    ctx.nested = dict(nested_absmax=na, nested_code=nc, nested_offset=no, nested_blocksize=nbs)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gemm_backward(ctx, grad_out):
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_A = torch.ops.qlora_ext.gemm_4bit_grad_input(grad_out, *ctx.weight, **ctx.nested)
+    if ctx.has_bias and ctx.needs_input_grad[7]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return grad_A, None, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd(
+    "qlora_ext::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context
+)

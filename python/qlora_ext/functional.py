@@ -171,3 +171,37 @@ def dequantize_blockwise_8bit(
     if code is None:
         code = dynamic_code_8bit(q.device)
     return _ops.dequantize_blockwise_8bit(q, absmax, code, blocksize, dtype)
+
+
+def matmul_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W4)ᵀ (+ bias)`` for a 4-bit weight of shape ``state.shape == [N, K]``.
+
+    Differentiable with respect to ``x`` and ``bias`` (the backward multiplies by the 4-bit
+    weight directly, dequantizing it one panel at a time), and traceable by
+    ``torch.compile(fullgraph=True)``. ``x`` keeps its dtype: cast it first to compute in
+    another one.
+    """
+    _check_tensor(x, "x")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qlora_ext.QuantState, got {type(state).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"matmul_4bit needs a 2-D [N, K] weight, got shape {tuple(state.shape)}")
+    N, K = state.shape
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    return _ops.gemm_4bit(
+        x,
+        packed.reshape(-1),
+        state.absmax,
+        N,
+        K,
+        state.blocksize,
+        state.quant_type,
+        bias,
+        **_nested_args(state),
+    )

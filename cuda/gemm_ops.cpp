@@ -1,0 +1,172 @@
+// ATen glue for the CUDA 4-bit GEMMs (TORCH_LIBRARY_IMPL CUDA).
+//
+// Dispatch: M <= kSmallM is memory-bound, so the streaming kernel (gemm_kernels.cu) reads each
+// weight byte once. Larger M is compute-bound: the weight is dequantized one panel at a time
+// (never whole) into A's dtype and each panel goes to cuBLAS, so the tensor cores do the work.
+// The input gradient uses panels of K (columns of W), so every output element comes from one
+// GEMM and is rounded once.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda_glue.h"
+#include "gemm_checks.h"
+#include "quant_launchers.h"
+
+namespace qlora_ext::cuda {
+namespace {
+
+constexpr int64_t kSmallM = 16;
+constexpr int64_t kPanelBytes = int64_t(32) << 20;
+
+// Multiprocessor count of the current device, read once per device (the attribute query is
+// cheap, but this sits on the decode path).
+int num_sms(int device) {
+  static int cache[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cache[device] == 0) {
+    int v = 0;
+    check_launch(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device),
+                 "cudaDeviceGetAttribute");
+    cache[device] = v > 0 ? v : 1;
+  }
+  return cache[device];
+}
+
+bool aligned16(const at::Tensor& t) {
+  return (reinterpret_cast<uintptr_t>(t.const_data_ptr()) & 15) == 0;
+}
+
+// 16-byte vector loads need aligned bases; a view at an odd offset is copied once.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return aligned16(c) ? c : c.clone();
+}
+
+// Panel extent along a dimension of `total`, a multiple of `unit`, about kPanelBytes of
+// dequantized weight, and never the whole weight unless the weight is a single unit.
+int64_t panel_extent(int64_t total, int64_t other, int64_t elem, int64_t unit) {
+  int64_t e = kPanelBytes / (other * elem) / unit * unit;
+  const int64_t half = (total / 2 + unit - 1) / unit * unit;
+  e = std::min(e, half);
+  return std::max(e, unit);
+}
+
+struct Weight {
+  at::Tensor packed, absmax;
+  std::optional<at::Tensor> na, nc, no;
+  NestedAbsmax nested;
+  int64_t N, K, blocksize;
+  QuantType qt;
+};
+
+Weight make_weight(const at::Tensor& packed, const at::Tensor& absmax,
+                   const std::optional<at::Tensor>& na, const std::optional<at::Tensor>& nc,
+                   const std::optional<at::Tensor>& no, int64_t nested_blocksize, int64_t N,
+                   int64_t K, int64_t blocksize, QuantType qt) {
+  Weight w{aligned_contiguous(packed), absmax.contiguous(), {}, {}, {}, {}, N, K, blocksize, qt};
+  if (na) w.na = na->contiguous();
+  if (nc) w.nc = nc->contiguous();
+  if (no) w.no = no->contiguous();
+  w.nested = nested_view(w.absmax, w.na, w.nc, w.no, nested_blocksize);
+  return w;
+}
+
+void dequantize_slice(const Weight& w, const Slice& s, at::Tensor& dst, cudaStream_t stream) {
+  check_launch(launch_dequantize_4bit(w.packed.const_data_ptr<uint8_t>(),
+                                      w.nested.codes ? nullptr : w.absmax.const_data_ptr<float>(),
+                                      w.nested, s, w.blocksize, w.qt, dst.data_ptr(),
+                                      to_dtype(dst.scalar_type()), stream),
+               "dequantize_4bit (panel)");
+}
+
+at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
+                          int64_t N, int64_t K, int64_t blocksize, c10::string_view quant_type,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& nested_offset,
+                          int64_t nested_blocksize) {
+  const QuantType qt = parse_quant_type(std::string(quant_type));
+  check_gemm_4bit_args(A, "A", K, packed, absmax, N, K, blocksize, nested_absmax, nested_code,
+                       nested_offset, nested_blocksize);
+  check_bias(bias, A, N);
+  const c10::cuda::CUDAGuard guard(A.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Weight w = make_weight(packed, absmax, nested_absmax, nested_code, nested_offset,
+                               nested_blocksize, N, K, blocksize, qt);
+  const at::Tensor A2 = aligned_contiguous(A.reshape({-1, K}));
+  const int64_t M = A2.size(0);
+  at::Tensor out = at::empty({M, N}, A.options());
+  if (M == 0) return out.view(gemm_out_shape(A, N));
+  if (M <= kSmallM) {
+    const int splits = gemv_4bit_splits(N, K, num_sms(A.get_device()));
+    at::Tensor ws = at::empty({splits * M * N}, A.options().dtype(at::kFloat));
+    std::optional<at::Tensor> b;
+    if (bias) b = bias->contiguous();
+    check_launch(launch_gemv_4bit(A2.const_data_ptr(), to_dtype(A.scalar_type()), M, N, K,
+                                  w.packed.const_data_ptr<uint8_t>(),
+                                  w.nested.codes ? nullptr : w.absmax.const_data_ptr<float>(),
+                                  w.nested, blocksize, qt, b ? b->const_data_ptr() : nullptr,
+                                  b ? to_dtype(b->scalar_type()) : DType::F32, splits,
+                                  ws.data_ptr<float>(), out.data_ptr(), stream),
+                 "gemm_4bit (small M)");
+  } else {
+    const int64_t rows = panel_extent(N, K, A.element_size(), 16);
+    at::Tensor panel = at::empty({rows * K}, A.options());
+    const std::optional<at::Tensor> b = bias ? std::optional(bias->to(A.scalar_type())) : bias;
+    for (int64_t n0 = 0; n0 < N; n0 += rows) {
+      const int64_t r = std::min(rows, N - n0);
+      at::Tensor p = panel.narrow(0, 0, r * K).view({r, K});
+      dequantize_slice(w, Slice{n0, r, K, 0, K}, p, stream);
+      at::Tensor o = out.narrow(1, n0, r);
+      if (b) {
+        at::addmm_out(o, b->narrow(0, n0, r), A2, p.t());
+      } else {
+        at::mm_out(o, A2, p.t());
+      }
+    }
+  }
+  return out.view(gemm_out_shape(A, N));
+}
+
+at::Tensor gemm_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed,
+                                     const at::Tensor& absmax, int64_t N, int64_t K,
+                                     int64_t blocksize, c10::string_view quant_type,
+                                     const std::optional<at::Tensor>& nested_absmax,
+                                     const std::optional<at::Tensor>& nested_code,
+                                     const std::optional<at::Tensor>& nested_offset,
+                                     int64_t nested_blocksize) {
+  const QuantType qt = parse_quant_type(std::string(quant_type));
+  check_gemm_4bit_args(grad_out, "grad_out", N, packed, absmax, N, K, blocksize, nested_absmax,
+                       nested_code, nested_offset, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Weight w = make_weight(packed, absmax, nested_absmax, nested_code, nested_offset,
+                               nested_blocksize, N, K, blocksize, qt);
+  const at::Tensor G = grad_out.reshape({-1, N}).contiguous();
+  const int64_t M = G.size(0);
+  at::Tensor grad_A = at::empty({M, K}, grad_out.options());
+  if (M > 0) {
+    const int64_t cols = panel_extent(K, N, grad_out.element_size(), blocksize);
+    at::Tensor panel = at::empty({N * cols}, grad_out.options());
+    for (int64_t k0 = 0; k0 < K; k0 += cols) {
+      const int64_t c = std::min(cols, K - k0);
+      at::Tensor p = panel.narrow(0, 0, N * c).view({N, c});
+      dequantize_slice(w, Slice{0, N, K, k0, c}, p, stream);
+      at::Tensor o = grad_A.narrow(1, k0, c);
+      at::mm_out(o, G, p);
+    }
+  }
+  return grad_A.view(gemm_out_shape(grad_out, K));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("gemm_4bit", &gemm_4bit_cuda);
+  m.impl("gemm_4bit_grad_input", &gemm_4bit_grad_input_cuda);
+}
+
+}  // namespace qlora_ext::cuda

@@ -1,0 +1,227 @@
+"""Modules built on the 4-bit ops.
+
+``Linear4bit`` is a frozen ``nn.Linear`` whose weight is stored in 4 bits. Its state_dict has
+bitsandbytes' keys (``weight`` as packed uint8 ``[n/2, 1]``, ``weight.absmax``,
+``weight.quant_map``, ``weight.nested_*``, ``weight.quant_state.bitsandbytes__<type>``), so a
+checkpoint of ``bitsandbytes.nn.Linear4bit`` loads here and ours loads there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import matmul_4bit, quantize_4bit
+from .quant_state import NestedState, QuantState
+
+_STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
+
+
+class Linear4bit(nn.Module):
+    """``y = x @ dequant(W4)ᵀ + b`` with a frozen 4-bit weight.
+
+    The weight is a ``uint8`` parameter (``requires_grad=False``) and the quantization state
+    lives in non-persistent buffers, so ``.to(device)`` moves it and keeps it quantized.
+    ``compute_dtype`` (default: the input's dtype) is the dtype the matmul runs in; the output
+    comes back in the input's dtype. Gradients flow to the input and the bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"in_features and out_features must be positive, got {in_features}, {out_features}"
+            )
+        if in_features % blocksize:
+            raise ValueError(
+                f"in_features={in_features} is not a multiple of blocksize={blocksize}: a 4-bit "
+                "block would span two rows of the weight; pick a blocksize that divides it"
+            )
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        # nn.Linear's initialisation, then quantized: a usable layer even before a checkpoint.
+        w = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        for name in _STATE_BUFFERS:
+            self.register_buffer(name, None, persistent=False)
+        self._set_weight(*quantize_4bit(w, blocksize, quant_type, double_quant))
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            self.bias = nn.Parameter(
+                torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        """Quantize an ``nn.Linear``; its bias is kept in full precision (and trainable)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.compute_dtype = compute_dtype
+        if m.in_features % blocksize:
+            raise ValueError(
+                f"in_features={m.in_features} is not a multiple of blocksize={blocksize}: a "
+                "4-bit block would span two rows of the weight; pick a blocksize that divides it"
+            )
+        m.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        for name in _STATE_BUFFERS:
+            m.register_buffer(name, None, persistent=False)
+        m._set_weight(*quantize_4bit(w, blocksize, quant_type, double_quant))
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone())
+        else:
+            m.register_parameter("bias", None)
+        return m
+
+    # -- the quantized weight ------------------------------------------------------------------
+    def _set_weight(self, packed: torch.Tensor, state: QuantState) -> None:
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"the 4-bit weight has shape {tuple(state.shape)} but this layer is "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
+        self.absmax = state.absmax
+        self.quant_map = state.code
+        nested = state.state2
+        self.nested_absmax = None if nested is None else nested.absmax
+        self.nested_quant_map = None if nested is None else nested.code
+        self.nested_offset = None if nested is None else state.offset.reshape(())
+        self._meta = dict(
+            dtype=state.dtype,
+            blocksize=state.blocksize,
+            quant_type=state.quant_type,
+            nested_blocksize=None if nested is None else nested.blocksize,
+        )
+
+    @property
+    def quant_state(self) -> QuantState:
+        meta = self._meta
+        state2 = None
+        if self.nested_absmax is not None:
+            state2 = NestedState(
+                self.nested_absmax, self.nested_quant_map, meta["nested_blocksize"]
+            )
+        return QuantState(
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=self.quant_map,
+            dtype=meta["dtype"],
+            blocksize=meta["blocksize"],
+            quant_type=meta["quant_type"],
+            offset=self.nested_offset,
+            state2=state2,
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The full-precision weight this layer computes with (for inspection and merging)."""
+        from .functional import dequantize_4bit
+
+        return dequantize_4bit(self.weight, self.quant_state)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the quantization state; .half()/.to(dtype) must not cast it (the
+        # kernels read fp32 absmax and code tables), so its dtype is restored after fn.
+        saved = {name: getattr(self, name) for name in _STATE_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            if old is not None:
+                setattr(self, name, old.to(getattr(self, name).device))
+        return self
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return matmul_4bit(x, self.weight, self.quant_state, bias).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        m = self._meta
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, quant_type={m['quant_type']}, "
+            f"blocksize={m['blocksize']}, double_quant={self.nested_absmax is not None}, "
+            f"compute_dtype={self.compute_dtype}"
+        )
+
+    # -- bitsandbytes-compatible state_dict ---------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w = self.weight if keep_vars else self.weight.detach()
+        destination[prefix + "weight"] = w
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for k, v in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
+        wkey = prefix + "weight"
+        qs = {k[len(wkey) + 1 :]: v for k, v in state_dict.items() if k.startswith(wkey + ".")}
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+            return
+        packed = state_dict[wkey]
+        try:
+            if not qs:
+                raise ValueError(
+                    "no quant-state keys (weight.absmax, weight.quant_state.bitsandbytes__*); "
+                    "this looks like an unquantized checkpoint: load it into nn.Linear and use "
+                    "Linear4bit.from_linear"
+                )
+            state = QuantState.from_dict(qs, device=packed.device)
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"the 4-bit weight has shape {tuple(state.shape)} but this layer is "
+                    f"[{self.out_features}, {self.in_features}]"
+                )
+            if packed.dtype != torch.uint8:
+                packed = packed.contiguous().view(torch.uint8)
+            n = self.out_features * self.in_features
+            if packed.numel() != (n + 1) // 2:
+                raise ValueError(
+                    f"packed weight has {packed.numel()} bytes but [{self.out_features}, "
+                    f"{self.in_features}] needs {(n + 1) // 2}"
+                )
+            dev = self.weight.device
+            self._set_weight(packed.to(dev), state.to(dev))
+        except ValueError as e:
+            errors.append(f"{wkey}: {e}")
+            return
+        bkey = prefix + "bias"
+        if self.bias is not None:
+            if bkey in state_dict:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bkey])
+            else:
+                missing_keys.append(bkey)
+        elif bkey in state_dict:
+            unexpected_keys.append(bkey)

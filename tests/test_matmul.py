@@ -1,0 +1,214 @@
+"""gemm_4bit / gemm_4bit_grad_input / matmul_4bit: accuracy against an fp64 reference, autograd,
+torch.compile, and the errors they raise."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora_ext
+import reference as R
+from conftest import DEVICES, HAS_CUDA_KERNELS
+
+ops = torch.ops.qlora_ext
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# M on both sides of the small-M threshold (16), odd N, K a whole number of blocks.
+MS = [1, 3, 16, 17, 70]
+SHAPES = [(77, 256), (130, 384)]
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def quantized(N, K, blocksize, quant_type, double_quant, device):
+    w = torch.randn(N, K, device=device)
+    packed, state = qlora_ext.quantize_4bit(w, blocksize, quant_type, double_quant)
+    w_hat = qlora_ext.dequantize_4bit(packed, state)  # the weight the GEMM multiplies by
+    return packed, state, w_hat
+
+
+def fp32_absmax(state):
+    """The fp32 absmax the kernels use, with a nested (double-quantized) one undone."""
+    if not state.nested:
+        return state.absmax.cpu()
+    s2 = state.state2
+    return (
+        R.dequantize_blockwise_8bit(
+            state.absmax.cpu(), s2.absmax.cpu(), s2.code.cpu(), s2.blocksize, torch.float32
+        )
+        + state.offset.cpu()
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_gemm_error_within_2x_of_torch(device, dtype, double_quant, blocksize):
+    """Error against fp64 is at most 2x that of PyTorch doing the same product in `dtype` with
+    the dequantized weight (F.linear on dequant(W).to(dtype)). A small absolute floor covers
+    the fp32 case, where both errors sit at rounding level (~1e-7)."""
+    for N, K in SHAPES:
+        packed, state, w_hat = quantized(N, K, blocksize, "nf4", double_quant, device)
+        bias = torch.randn(N, device=device).to(dtype)
+        for M in MS:
+            A = torch.randn(M, K, device=device).to(dtype)
+            ref = R.gemm_4bit(
+                A.cpu(),
+                packed.cpu().reshape(-1),
+                fp32_absmax(state),
+                N,
+                K,
+                blocksize,
+                "nf4",
+                bias.cpu(),
+            )
+            out = qlora_ext.matmul_4bit(A, packed, state, bias)
+            assert out.shape == (M, N) and out.dtype == dtype
+            torch_out = F.linear(A, w_hat.to(dtype), bias)
+            floor = 1e-6 if dtype == torch.float32 else 0
+            assert rel_err(out.cpu(), ref) <= 2 * rel_err(torch_out.cpu(), ref) + floor, (N, K, M)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_grad_input_error_within_2x_of_torch(device, dtype, quant_type):
+    for N, K in SHAPES:
+        packed, state, w_hat = quantized(N, K, 64, quant_type, True, device)
+        for M in MS:
+            G = torch.randn(M, N, device=device).to(dtype)
+            ref = R.gemm_4bit_grad_input(
+                G.cpu(), packed.cpu().reshape(-1), fp32_absmax(state), N, K, 64, quant_type
+            )
+            out = ops.gemm_4bit_grad_input(
+                G,
+                packed.reshape(-1),
+                state.absmax,
+                N,
+                K,
+                64,
+                quant_type,
+                **qlora_ext.functional._nested_args(state),
+            )
+            assert out.shape == (M, K) and out.dtype == dtype
+            torch_out = G @ w_hat.to(dtype)
+            floor = 1e-6 if dtype == torch.float32 else 0
+            assert rel_err(out.cpu(), ref) <= 2 * rel_err(torch_out.cpu(), ref) + floor, (N, K, M)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_3d_and_noncontiguous(device):
+    packed, state, w_hat = quantized(96, 128, 64, "nf4", True, device)
+    x = torch.randn(2, 5, 128, device=device)
+    y = qlora_ext.matmul_4bit(x, packed, state)
+    assert y.shape == (2, 5, 96)
+    torch.testing.assert_close(y, F.linear(x, w_hat), rtol=1e-5, atol=1e-5)
+    # Not contiguous in the last dimension: handled by a copy.
+    xt = torch.randn(2, 128, 5, device=device).transpose(1, 2)
+    assert xt.stride(-1) != 1
+    torch.testing.assert_close(
+        qlora_ext.matmul_4bit(xt, packed, state), F.linear(xt, w_hat), rtol=1e-5, atol=1e-5
+    )
+    # Empty batch.
+    assert qlora_ext.matmul_4bit(x[:0], packed, state).shape == (0, 5, 96)
+
+
+def test_gradcheck_fp64():
+    """gradcheck in float64 (CPU), with respect to the input and the bias."""
+    packed, state, _ = quantized(24, 64, 32, "nf4", True, "cpu")
+    for M in (2, 20):  # the streaming and the panel path
+        x = torch.randn(M, 64, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, b: qlora_ext.matmul_4bit(x, packed, state, b), (x, b)
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_matches_reference(device):
+    packed, state, w_hat = quantized(64, 128, 64, "fp4", False, device)
+    x = torch.randn(3, 7, 128, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    g = torch.randn(3, 7, 64, device=device)
+    qlora_ext.matmul_4bit(x, packed, state, b).backward(g)
+    x2, b2 = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    F.linear(x2, w_hat, b2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    packed, state, _ = quantized(40, 64, 32, "nf4", True, device)
+    nested = qlora_ext.functional._nested_args(state)
+    args = (packed.reshape(-1), state.absmax, 40, 64, 32, "nf4")
+    for M in (2, 33):
+        x = torch.randn(M, 64, device=device, requires_grad=True)
+        b = torch.randn(40, device=device, requires_grad=True)
+        torch.library.opcheck(ops.gemm_4bit, (x, *args, b), nested)
+        torch.library.opcheck(ops.gemm_4bit, (x, *args), nested)
+        g = torch.randn(M, 40, device=device)
+        torch.library.opcheck(ops.gemm_4bit_grad_input, (g, *args), nested)
+
+
+def test_torch_compile_fullgraph():
+    """matmul_4bit and its backward trace into one graph (no graph break) under inductor."""
+    torch._dynamo.reset()
+    packed, state, w_hat = quantized(32, 64, 64, "nf4", True, "cpu")
+    b = torch.randn(32, requires_grad=True)
+
+    @torch.compile(fullgraph=True)
+    def f(x):
+        return torch.relu(qlora_ext.matmul_4bit(x, packed, state, b)).sum()
+
+    x = torch.randn(5, 64, requires_grad=True)
+    f(x).backward()
+    x2 = x.detach().clone().requires_grad_()
+    torch.relu(F.linear(x2, w_hat, b)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    packed, state, _ = quantized(32, 128, 64, "nf4", False, device)
+    p = packed.reshape(-1)
+    with pytest.raises(RuntimeError, match="A has last dimension 100 but the 4-bit weight"):
+        ops.gemm_4bit(torch.randn(2, 100, device=device), p, state.absmax, 32, 128, 64, "nf4")
+    with pytest.raises(RuntimeError, match="A must be float32, float16 or bfloat16"):
+        ops.gemm_4bit(
+            torch.ones(2, 128, dtype=torch.int32, device=device),
+            p,
+            state.absmax,
+            32,
+            128,
+            64,
+            "nf4",
+        )
+    with pytest.raises(RuntimeError, match="is not a multiple of blocksize=128"):
+        ops.gemm_4bit(torch.randn(2, 64, device=device), p, state.absmax, 64, 64, 128, "nf4")
+    with pytest.raises(RuntimeError, match="bias must have shape \\[32\\]"):
+        ops.gemm_4bit(
+            torch.randn(2, 128, device=device),
+            p,
+            state.absmax,
+            32,
+            128,
+            64,
+            "nf4",
+            torch.randn(31, device=device),
+        )
+    with pytest.raises(RuntimeError, match="grad_out has last dimension 31"):
+        ops.gemm_4bit_grad_input(
+            torch.randn(2, 31, device=device), p, state.absmax, 32, 128, 64, "nf4"
+        )
+    with pytest.raises(ValueError, match="needs a 2-D \\[N, K\\] weight"):
+        w3 = torch.randn(2, 4, 64)
+        qlora_ext.matmul_4bit(torch.randn(1, 64), *qlora_ext.quantize_4bit(w3))
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and the CUDA kernels")
+def test_device_mismatch():
+    packed, state, _ = quantized(32, 128, 64, "nf4", False, "cuda")
+    with pytest.raises(RuntimeError, match="A is on cpu but the 4-bit weight is on cuda"):
+        qlora_ext.matmul_4bit(torch.randn(2, 128), packed, state)
