@@ -95,6 +95,66 @@ void dot_rows(Isa isa, const float* A, int64_t M, int64_t K, const float* w, flo
   dot_rows_scalar(A, M, K, w, acc);
 }
 
+#if QX_X86
+// Fused AVX-512 streaming kernel: one row of W at a time is decoded in registers (16 bytes =
+// 32 codes per step: nibble split, byte interleave, 2 x permutexvar on the 16-entry table,
+// times the block scale, which makes exactly the dequantized weight) and multiplied into MT
+// fp32 accumulators, one per row of A. Nothing is written back but the MT results, so the
+// weight is read once and the only other traffic is A, which stays in L1/L2.
+template <int MT>
+QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t K, const uint8_t* wrow,
+                                      const float* scales, int64_t blocksize, const float* table,
+                                      float* result) {
+  constexpr int kAcc = MT <= 8 ? 2 : 1;  // two chains per row of A while registers allow
+  __m512 acc[MT][kAcc];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm512_setzero_ps();
+  const __m512 tab = _mm512_loadu_ps(table);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  for (int64_t k0 = 0, blk = 0; k0 < K; k0 += blocksize, ++blk) {
+    const __m512 vs = _mm512_set1_ps(scales[blk]);
+    for (int64_t k = k0; k < k0 + blocksize; k += 32) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k / 2));
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+      const __m128i lo = _mm_and_si128(b, low4);
+      // Even elements sit in high nibbles: interleaving hi, lo restores element order.
+      const __m512 w0 = _mm512_mul_ps(
+          _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), tab), vs);
+      const __m512 w1 = _mm512_mul_ps(
+          _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), tab), vs);
+      for (int m = 0; m < MT; ++m) {
+        const float* a = A + m * K + k;
+        acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a), w0, acc[m][0]);
+        acc[m][kAcc - 1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), w1, acc[m][kAcc - 1]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m512 v = acc[m][0];
+    if constexpr (kAcc == 2) v = _mm512_add_ps(v, acc[m][1]);
+    result[m] = _mm512_reduce_add_ps(v);
+  }
+}
+
+using GemvRowFn = void (*)(const float*, int64_t, const uint8_t*, const float*, int64_t,
+                           const float*, float*);
+
+// The compiled row counts: every M from 1 to 16, so the accumulators are exactly M registers.
+GemvRowFn gemv_row_for(int64_t M) {
+  switch (M) {
+#define QX_CASE(n) \
+  case n:          \
+    return &gemv_row_avx512<n>;
+    QX_CASE(1) QX_CASE(2) QX_CASE(3) QX_CASE(4) QX_CASE(5) QX_CASE(6) QX_CASE(7) QX_CASE(8)
+    QX_CASE(9) QX_CASE(10) QX_CASE(11) QX_CASE(12) QX_CASE(13) QX_CASE(14) QX_CASE(15)
+    QX_CASE(16)
+#undef QX_CASE
+    default:
+      return nullptr;
+  }
+}
+#endif
+
 struct Weight4 {
   const uint8_t* packed;
   AbsmaxSource src;
@@ -107,6 +167,23 @@ template <typename T>
 void gemm_streaming(const float* A32, int64_t M, const Weight4& W, const float* bias, T* out) {
   const int64_t K = W.K, N = W.N, kblocks = K / W.blocksize;
   const Isa isa = current_isa();
+#if QX_X86
+  if (isa == Isa::Avx512) {
+    const GemvRowFn row_fn = gemv_row_for(M);
+    at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+      std::vector<float> scales(kblocks), res(M);
+      for (int64_t n = lo; n < hi; ++n) {
+        for (int64_t b = 0; b < kblocks; ++b) scales[b] = block_scale(W.src, n * kblocks + b);
+        row_fn(A32, K, W.packed + n * K / 2, scales.data(), W.blocksize, W.code.value,
+               res.data());
+        for (int64_t m = 0; m < M; ++m) {
+          out[m * N + n] = from_f32<T>(res[m] + (bias ? bias[n] : 0.f));
+        }
+      }
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, ceil_div(N, kRows), 8, [&](int64_t lo, int64_t hi) {
     std::vector<float> w(kRows * K, 0.f), acc(M * kRows);
     for (int64_t g = lo; g < hi; ++g) {
