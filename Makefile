@@ -21,7 +21,9 @@ build: $(STAMP)
 	$(BIN)/pip install --no-build-isolation --no-deps --quiet .
 	$(BIN)/python -c "import qlora_ext; print('qlora_ext build:', qlora_ext.build_info())"
 
+# The static CUDA checks (registers, spills, key SASS) run whenever CUDA kernels were built.
 test: build
+	$(BIN)/python scripts/check_cuda_build.py
 	$(BIN)/python -m pytest tests -q
 
 lint: $(STAMP)

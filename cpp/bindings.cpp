@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/cpu_isa.h"
+#include "gemm_path.h"
 
 #ifndef QLORA_EXT_CUDA_ARCHS
 #define QLORA_EXT_CUDA_ARCHS ""
@@ -32,4 +33,8 @@ PYBIND11_MODULE(_C, m) {
       "What this build contains: CUDA kernels or not, their archs, the CPU ISA in use.");
   m.def("set_cpu_isa", &qlora_ext::cpu::set_isa, py::arg("isa"),
         "Force the CPU kernels onto 'avx512', 'avx2' or 'scalar' ('auto' restores the best).");
+  m.def("set_gemm_path", &qlora_ext::set_gemm_path, py::arg("path"),
+        "Force the 4-bit GEMM onto 'small' (streaming, M <= 16), 'tc' (CUDA tensor cores, "
+        "16-bit A) or 'panel' (dequantize panels + BLAS) where the path applies; 'auto' "
+        "restores the heuristic.");
 }

@@ -31,6 +31,9 @@ __device__ __forceinline__ void load_a8(const T* __restrict__ p, float (&a)[8]) 
   }
 }
 
+// @kernel-budget gemv_4bit_kernel: regs<=255 stack<=0 sass=LDG.E.128 (MT=16 with fp32 A holds
+// 64 accumulators, 32 decoded weights and 8 A values; anything spilled would sit in the hot
+// loop, so the budget is the whole register file a thread may have, and no stack)
 // MT: rows of A compiled for (1, 4 or 16; M <= MT), so the accumulators are registers.
 template <typename T, int MT>
 __global__ void __launch_bounds__(kWarps * 32)
@@ -110,6 +113,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// @kernel-budget gemv_epilogue_kernel: regs<=48 stack<=0 (elementwise)
 // out[m, n] = sum over splits of ws (in split order) + bias[n], rounded once to T.
 template <typename T, typename B>
 __global__ void __launch_bounds__(256)

@@ -1,8 +1,16 @@
 // ATen glue for the CUDA 4-bit GEMMs (TORCH_LIBRARY_IMPL CUDA).
 //
-// Dispatch: M <= kSmallM is memory-bound, so the streaming kernel (gemm_kernels.cu) reads each
-// weight byte once. Larger M is compute-bound: the weight is dequantized one panel at a time
-// (never whole) into A's dtype and each panel goes to cuBLAS, so the tensor cores do the work.
+// Dispatch (the forward), by M = rows of A:
+// - M <= kSmallM: memory-bound. The streaming kernel (gemm_kernels.cu) reads each weight byte
+//   once; tensor-core tiles would be mostly padding.
+// - kSmallM < M <= kTcMaxM, 16-bit A: the fused tensor-core kernel (gemm_tc_kernel.cu). It
+//   reads the 4-bit weight once per 128 rows of A and writes nothing else; the panel path would
+//   write and re-read a 16-bit copy of W (4 bytes per weight), which at these M costs about as
+//   much as the GEMM itself.
+// - Larger M, or fp32 A: panels + cuBLAS. Compute-bound, cuBLAS's tuned kernels beat our simple
+//   tile, and one extra pass over a panel of W is small next to M * N * K work.
+// These bounds are estimates from the byte and FLOP counts, not yet timed on a GPU:
+// scripts/gpu_check.sh times every path (set_gemm_path) so they can be set from measurements.
 // The input gradient uses panels of K (columns of W), so every output element comes from one
 // GEMM and is rounded once.
 #include <ATen/ATen.h>
@@ -12,12 +20,14 @@
 
 #include "cuda_glue.h"
 #include "gemm_checks.h"
+#include "gemm_path.h"
 #include "quant_launchers.h"
 
 namespace qlora_ext::cuda {
 namespace {
 
 constexpr int64_t kSmallM = 16;
+constexpr int64_t kTcMaxM = 256;
 constexpr int64_t kPanelBytes = int64_t(32) << 20;
 
 // Multiprocessor count of the current device, read once per device (the attribute query is
@@ -100,7 +110,12 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   const int64_t M = A2.size(0);
   at::Tensor out = at::empty({M, N}, A.options());
   if (M == 0) return out.view(gemm_out_shape(A, N));
-  if (M <= kSmallM) {
+  const GemmPath path = gemm_path();
+  const bool half_a = A.scalar_type() != at::kFloat;
+  const bool small = M <= kSmallM && path != GemmPath::Panel && path != GemmPath::TensorCore;
+  const bool tc = !small && half_a && path != GemmPath::Panel &&
+                  (M <= kTcMaxM || path == GemmPath::TensorCore);
+  if (small) {
     const int splits = gemv_4bit_splits(N, K, num_sms(A.get_device()));
     at::Tensor ws = at::empty({splits * M * N}, A.options().dtype(at::kFloat));
     std::optional<at::Tensor> b;
@@ -112,6 +127,16 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
                                   b ? to_dtype(b->scalar_type()) : DType::F32, splits,
                                   ws.data_ptr<float>(), out.data_ptr(), stream),
                  "gemm_4bit (small M)");
+  } else if (tc) {
+    std::optional<at::Tensor> b;
+    if (bias) b = bias->contiguous();
+    check_launch(
+        launch_gemm_4bit_tc(A2.const_data_ptr(), to_dtype(A.scalar_type()), M, N, K,
+                            w.packed.const_data_ptr<uint8_t>(),
+                            w.nested.codes ? nullptr : w.absmax.const_data_ptr<float>(), w.nested,
+                            blocksize, qt, b ? b->const_data_ptr() : nullptr,
+                            b ? to_dtype(b->scalar_type()) : DType::F32, out.data_ptr(), stream),
+        "gemm_4bit (tensor cores)");
   } else {
     const int64_t rows = panel_extent(N, K, A.element_size(), 16);
     at::Tensor panel = at::empty({rows * K}, A.options());

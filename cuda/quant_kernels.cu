@@ -49,6 +49,8 @@ __device__ __forceinline__ float nan_max(float a, float b) {
 // Threads per quant block = blocksize / 8 (4 .. 512). Up to 32 they reduce with shuffles inside
 // a warp; beyond, each warp reduces and the warps of one quant block combine through shared
 // memory. The CUDA block has max(256, blocksize / 8) threads, so a quant block never spans two.
+// @kernel-budget quantize_4bit_kernel: regs<=64 stack<=0 sass=LDG.E.128 (memory-bound: 64
+// registers keep 1024 threads per SM resident; the input must arrive in 16-byte loads)
 template <typename T>
 __global__ void __launch_bounds__(512)
     quantize_4bit_kernel(const T* __restrict__ x, int64_t n, int blocksize, CodeTable c, Bounds b,
@@ -106,64 +108,86 @@ __global__ void __launch_bounds__(512)
 }
 
 // ---------------------------------------------------------------- 4-bit dequantize
-template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ out, int64_t i, const float (&v)[8]) {
-  constexpr int kPerVec = 16 / sizeof(T);
-#pragma unroll
-  for (int k = 0; k < 8; k += kPerVec) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < kPerVec; ++j) e[j] = from_f32<T>(v[k + j]);
-    *reinterpret_cast<uint4*>(out + i + k) = raw;
-  }
-}
+// A thread decodes 32 codes from one 16-byte load (evict-first: the weight is read once). Its
+// 32 outputs are contiguous, so storing them straight from registers would make each warp store
+// instruction touch 32 scattered 16-byte pieces; instead the warp stages its 1024 outputs in
+// shared memory and writes them back as consecutive 16-byte vectors, fully coalesced.
+constexpr int kCodes = 32;  // per thread; every blocksize and panel width is a multiple of 32
 
+template <typename T>
+struct Stage {
+  // Row pitch per lane, padded so 16-byte accesses of 8 consecutive lanes hit distinct banks.
+  static constexpr int kPitch = kCodes + 16 / int(sizeof(T));
+};
+
+// @kernel-budget dequantize_4bit_kernel: regs<=64 stack<=0 sass=LDG.E.128 (memory-bound, as
+// above; the packed weight must arrive in 16-byte loads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                            NestedAbsmax nested, Slice slice, int blocksize, CodeTable c,
                            bool vec_in, T* __restrict__ out) {
+  constexpr int kPitch = Stage<T>::kPitch, kPerVec = 16 / int(sizeof(T));
+  __shared__ __align__(16) T stage[kThreads * kPitch];
   __shared__ float table[16];
   __shared__ uint8_t unused_sorted[16];
   load_code_table(c, table, unused_sorted);
   __syncthreads();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t n = slice.rows * slice.cols;
-  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kElemsPerThread;
-  if (i >= n) return;
-  // The 8 elements i .. i + 7 of the slice sit in one row (cols is a multiple of 8 unless the
-  // slice is a single row) and in one quant block (blocksize and col0 are multiples of 8).
-  const int64_t r = i / slice.cols;
-  const int64_t e = (slice.row0 + r) * slice.ld + slice.col0 + (i - r * slice.cols);
-  const int64_t qb = e / blocksize;
-  const float scale =
-      nested.codes ? nested_absmax(__ldg(nested.code + nested.codes[qb]),
-                                   __ldg(nested.absmax + qb / nested.blocksize), *nested.offset)
-                   : __ldg(absmax + qb);
-  float v[kElemsPerThread];
-  const bool row_ok = i - r * slice.cols + kElemsPerThread <= slice.cols;
-  if (vec_in && row_ok && i + kElemsPerThread <= n) {
-    // Weights are read exactly once: stream them past L1 with an evict-first load.
-    const uint32_t word = __ldcs(reinterpret_cast<const unsigned int*>(packed + e / 2));
+  const int64_t warp_base = (int64_t(blockIdx.x) * blockDim.x + warp * 32) * kCodes;
+  if (warp_base >= n) return;  // whole warp past the end (no block-wide barrier follows)
+  const int64_t i = warp_base + int64_t(lane) * kCodes;
+  T* my = stage + threadIdx.x * kPitch;
+  if (i < n) {
+    // The 32 elements sit in one row of the slice (cols is a multiple of 32 unless the slice is
+    // a single row) and in one quant block (blocksize and col0 are multiples of 32).
+    const int64_t r = i / slice.cols;
+    const int64_t e = (slice.row0 + r) * slice.ld + slice.col0 + (i - r * slice.cols);
+    const int64_t qb = e / blocksize;
+    const float scale =
+        nested.codes ? nested_absmax(__ldg(nested.code + nested.codes[qb]),
+                                     __ldg(nested.absmax + qb / nested.blocksize), *nested.offset)
+                     : __ldg(absmax + qb);
+    const bool whole = i - r * slice.cols + kCodes <= slice.cols && i + kCodes <= n;
+    if (vec_in && whole) {
+      const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(packed + e / 2));
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t byte = (word >> (8 * j)) & 0xFF;
-      v[2 * j] = mul_rn(table[byte >> 4], scale);
-      v[2 * j + 1] = mul_rn(table[byte & 0xF], scale);
+      for (int w = 0; w < 4; ++w) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t byte = (words[w] >> (8 * j)) & 0xFF;
+          my[8 * w + 2 * j] = from_f32<T>(mul_rn(table[byte >> 4], scale));
+          my[8 * w + 2 * j + 1] = from_f32<T>(mul_rn(table[byte & 0xF], scale));
+        }
+      }
+    } else {
+      for (int j = 0; j < kCodes && i + j < n; ++j) {
+        const int64_t ej = e + j;
+        const uint8_t byte = packed[ej / 2];
+        my[j] = from_f32<T>(mul_rn(table[(ej % 2 == 0) ? (byte >> 4) : (byte & 0xF)], scale));
+      }
     }
-    store8(out, i, v);
-  } else {
-    for (int j = 0; j < kElemsPerThread && i + j < n; ++j) {
-      const int64_t ej = e + j;
-      const uint8_t byte = packed[ej / 2];
-      const uint8_t code = (ej % 2 == 0) ? (byte >> 4) : (byte & 0xF);
-      out[i + j] = from_f32<T>(mul_rn(table[code], scale));
+  }
+  __syncwarp();
+  // Write the warp's 1024 contiguous outputs back as 16-byte vectors, lane-consecutive.
+  const T* wstage = stage + warp * 32 * kPitch;
+  for (int off = lane * kPerVec; off < 32 * kCodes; off += 32 * kPerVec) {
+    const int64_t o = warp_base + off;
+    if (o >= n) break;
+    const T* src = wstage + (off / kCodes) * kPitch + off % kCodes;
+    if (o + kPerVec <= n) {
+      *reinterpret_cast<uint4*>(out + o) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int j = 0; o + j < n; ++j) out[o + j] = src[j];
     }
   }
 }
 
 // ---------------------------------------------------------------- 8-bit blockwise
 // Used for the nested absmax (small): one CUDA block per quant block, threads striding over it.
+// @kernel-budget quantize_8bit_kernel: regs<=32 stack<=0 (small inputs: the nested absmax)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     quantize_8bit_kernel(const T* __restrict__ x, int64_t n, int64_t blocksize,
@@ -190,6 +214,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// @kernel-budget dequantize_8bit_kernel: regs<=32 stack<=0 (elementwise)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dequantize_8bit_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
@@ -246,10 +271,10 @@ cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax,
   const int64_t n = slice.rows * slice.cols;
   if (n == 0) return cudaSuccess;
   const CodeTable c = code_table(qt);
-  const int64_t groups = (n + kElemsPerThread - 1) / kElemsPerThread;
+  const int64_t groups = (n + kCodes - 1) / kCodes;
   const unsigned grid = unsigned((groups + kThreads - 1) / kThreads);
   // out is a fresh allocation or panel (16-byte aligned); packed may sit at any byte offset.
-  const bool vec_in = (reinterpret_cast<uintptr_t>(packed) & 3) == 0;
+  const bool vec_in = (reinterpret_cast<uintptr_t>(packed) & 15) == 0;
   return with_type(dt, [&](auto tag) {
     using T = decltype(tag);
     dequantize_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(

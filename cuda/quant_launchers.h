@@ -54,4 +54,10 @@ cudaError_t launch_dequantize_blockwise_8bit(const uint8_t* q, const float* absm
                                              const float* code, int64_t n, int64_t blocksize,
                                              void* out, DType dt, cudaStream_t stream);
 
+// Tensor-core 4-bit GEMM (fp16/bf16 A, K a multiple of 32): out = A @ dequant(W)^T (+ bias).
+cudaError_t launch_gemm_4bit_tc(const void* A, DType dt, int64_t M, int64_t N, int64_t K,
+                                const uint8_t* packed, const float* absmax,
+                                const NestedAbsmax& nested, int64_t blocksize, QuantType qt,
+                                const void* bias, DType bias_dt, void* out, cudaStream_t stream);
+
 }  // namespace qlora_ext::cuda

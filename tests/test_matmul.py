@@ -212,3 +212,31 @@ def test_device_mismatch():
     packed, state, _ = quantized(32, 128, 64, "nf4", False, "cuda")
     with pytest.raises(RuntimeError, match="A is on cpu but the 4-bit weight is on cuda"):
         qlora_ext.matmul_4bit(torch.randn(2, 128), packed, state)
+
+
+@pytest.fixture
+def gemm_path(request):
+    qlora_ext._C.set_gemm_path(request.param)
+    yield request.param
+    qlora_ext._C.set_gemm_path("auto")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gemm_path", ["small", "tc", "panel"], indirect=True)
+def test_every_gemm_path(device, dtype, gemm_path):
+    """Each forced path (where it applies) against the fp64 reference, same 2x rule."""
+    N, K = 130, 256
+    packed, state, w_hat = quantized(N, K, 64, "nf4", True, device)
+    bias = torch.randn(N, device=device).to(dtype)
+    for M in (1, 16, 17, 150, 300):
+        A = torch.randn(M, K, device=device).to(dtype)
+        ref = R.gemm_4bit(
+            A.cpu(), packed.cpu().reshape(-1), fp32_absmax(state), N, K, 64, "nf4", bias.cpu()
+        )
+        out = qlora_ext.matmul_4bit(A, packed, state, bias)
+        torch_out = F.linear(A, w_hat.to(dtype), bias)
+        floor = 1e-6 if dtype == torch.float32 else 0
+        assert rel_err(out.cpu(), ref) <= 2 * rel_err(torch_out.cpu(), ref) + floor, M
+    with pytest.raises(RuntimeError, match="path must be 'auto', 'small', 'tc' or 'panel'"):
+        qlora_ext._C.set_gemm_path("fast")

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../gemm_checks.h"
+#include "../gemm_path.h"
 #include "cpu_isa.h"
 #include "dequant4.h"
 #include "simd.h"
@@ -257,7 +258,9 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
   at::Tensor out = at::empty({M, N}, A.options());
   // Panels compute in fp32 (fp64 for fp64 inputs); see the note at the top.
   const at::ScalarType acc = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  if (M > 0 && M <= kSmallM && acc == at::kFloat) {
+  const GemmPath path = gemm_path();
+  const bool small = M > 0 && M <= kSmallM && acc == at::kFloat && path != GemmPath::Panel;
+  if (small) {
     const at::Tensor A32 = A2.to(at::kFloat).contiguous();
     std::optional<at::Tensor> b32;
     if (bias) b32 = bias->to(at::kFloat).contiguous();
