@@ -135,6 +135,13 @@ def main() -> None:
                     call = partial(fwd, f, x) if mode == "fwd" else partial(fwd_bwd, f, xg, g)
                     with torch.no_grad() if mode == "fwd" else torch.enable_grad():
                         res[f"{mode}_{who}_ms"] = time_fn(call, dev, min_time=0.3) * 1e3
+            if dev == "cuda" and M > 16:
+                # Each forced GEMM path, so the dispatch bounds can be set from measurements.
+                for path in ("tc", "panel"):
+                    qlora_ext._C.set_gemm_path(path)
+                    with torch.no_grad():
+                        res[f"fwd_ours_{path}_ms"] = time_fn(partial(fwd, q, x), dev) * 1e3
+                    qlora_ext._C.set_gemm_path("auto")
             rows.append(res)
             line = [name, f"{N}x{K}", M]
             for mode in ("fwd", "fwd+bwd"):

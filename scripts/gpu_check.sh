@@ -59,15 +59,30 @@ fi
 (cd /tmp && "$PY" -c "import qlora_ext, torch; print(qlora_ext.build_info(), torch.__version__)") \
   | tee -a "$OUT/summary.txt"
 
+step "static CUDA checks"
+"$PY" scripts/check_cuda_build.py >"$OUT/check_cuda_build.log" 2>&1 || status=1
+tail -3 "$OUT/check_cuda_build.log" | tee -a "$OUT/summary.txt"
+
 step "tests"
 "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1 \
   || status=1
 tail -15 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer --tool $tool (scripts/sanitize_subset.py)"
+    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" scripts/sanitize_subset.py \
+      >"$OUT/sanitizer_$tool.log" 2>&1 || { echo "sanitizer $tool: FINDINGS or failure"; status=1; }
+    tail -4 "$OUT/sanitizer_$tool.log" | tee -a "$OUT/summary.txt"
+  done
+else
+  step "compute-sanitizer not found: skipped"
+fi
+
 step "benchmarks"
 for b in benchmarks/bench_*.py; do
   name=$(basename "$b" .py)
-  timeout 240 "$PY" "$b" --device cuda --json "$OUT/$name.json" --no-results >"$OUT/$name.log" 2>&1 \
+  timeout 150 "$PY" "$b" --device cuda --json "$OUT/$name.json" --no-results >"$OUT/$name.log" 2>&1 \
     || { echo "$name failed" | tee -a "$OUT/summary.txt"; status=1; }
   grep -E '^\|' "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 done

@@ -102,17 +102,18 @@ void dot_rows(Isa isa, const float* A, int64_t M, int64_t K, const float* w, flo
 // times the block scale, which makes exactly the dequantized weight) and multiplied into MT
 // fp32 accumulators, one per row of A. Nothing is written back but the MT results, so the
 // weight is read once and the only other traffic is A, which stays in L1/L2.
+// A: MT rows with leading dimension lda; the row of W and A are read over [0, len).
 template <int MT>
-QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t K, const uint8_t* wrow,
-                                      const float* scales, int64_t blocksize, const float* table,
-                                      float* result) {
+QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t lda, int64_t len,
+                                      const uint8_t* wrow, const float* scales, int64_t blocksize,
+                                      const float* table, float* result) {
   constexpr int kAcc = MT <= 8 ? 2 : 1;  // two chains per row of A while registers allow
   __m512 acc[MT][kAcc];
   for (int m = 0; m < MT; ++m)
     for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm512_setzero_ps();
   const __m512 tab = _mm512_loadu_ps(table);
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t k0 = 0, blk = 0; k0 < K; k0 += blocksize, ++blk) {
+  for (int64_t k0 = 0, blk = 0; k0 < len; k0 += blocksize, ++blk) {
     const __m512 vs = _mm512_set1_ps(scales[blk]);
     for (int64_t k = k0; k < k0 + blocksize; k += 32) {
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k / 2));
@@ -124,7 +125,7 @@ QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t K, const uint8_t* 
       const __m512 w1 = _mm512_mul_ps(
           _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), tab), vs);
       for (int m = 0; m < MT; ++m) {
-        const float* a = A + m * K + k;
+        const float* a = A + m * lda + k;
         acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a), w0, acc[m][0]);
         acc[m][kAcc - 1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), w1, acc[m][kAcc - 1]);
       }
@@ -137,8 +138,8 @@ QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t K, const uint8_t* 
   }
 }
 
-using GemvRowFn = void (*)(const float*, int64_t, const uint8_t*, const float*, int64_t,
-                           const float*, float*);
+using GemvRowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*,
+                           int64_t, const float*, float*);
 
 // The compiled row counts: every M from 1 to 16, so the accumulators are exactly M registers.
 GemvRowFn gemv_row_for(int64_t M) {
@@ -171,14 +172,26 @@ void gemm_streaming(const float* A32, int64_t M, const Weight4& W, const float* 
 #if QX_X86
   if (isa == Isa::Avx512) {
     const GemvRowFn row_fn = gemv_row_for(M);
+    // K is walked in chunks whose slice of A (M rows) stays in L1 (about 24 KB) while every
+    // row of the task's W streams past it; otherwise, at M = 16, A would come from L2 once per
+    // row of W and the loads, not the FMAs, would set the pace.
+    const int64_t bs = W.blocksize;
+    const int64_t kc = std::max<int64_t>(bs, (24 * 1024 / int64_t(sizeof(float) * M)) / bs * bs);
     at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
-      std::vector<float> scales(kblocks), res(M);
+      std::vector<float> scales(kc / bs), part(M), res((hi - lo) * M, 0.f);
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t len = std::min(kc, K - k0);
+        for (int64_t n = lo; n < hi; ++n) {
+          const int64_t blk0 = (n * K + k0) / bs;
+          for (int64_t b = 0; b < len / bs; ++b) scales[b] = block_scale(W.src, blk0 + b);
+          row_fn(A32 + k0, K, len, W.packed + (n * K + k0) / 2, scales.data(), bs, W.code.value,
+                 part.data());
+          for (int64_t m = 0; m < M; ++m) res[(n - lo) * M + m] += part[m];
+        }
+      }
       for (int64_t n = lo; n < hi; ++n) {
-        for (int64_t b = 0; b < kblocks; ++b) scales[b] = block_scale(W.src, n * kblocks + b);
-        row_fn(A32, K, W.packed + n * K / 2, scales.data(), W.blocksize, W.code.value,
-               res.data());
         for (int64_t m = 0; m < M; ++m) {
-          out[m * N + n] = from_f32<T>(res[m] + (bias ? bias[n] : 0.f));
+          out[m * N + n] = from_f32<T>(res[(n - lo) * M + m] + (bias ? bias[n] : 0.f));
         }
       }
     });
