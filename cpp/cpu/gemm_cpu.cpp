@@ -142,6 +142,7 @@ using GemvRowFn = void (*)(const float*, int64_t, const uint8_t*, const float*, 
 // The compiled row counts: every M from 1 to 16, so the accumulators are exactly M registers.
 GemvRowFn gemv_row_for(int64_t M) {
   switch (M) {
+    // clang-format off: it cannot lay out a run of case-generating macros
 #define QX_CASE(n) \
   case n:          \
     return &gemv_row_avx512<n>;
@@ -152,6 +153,7 @@ GemvRowFn gemv_row_for(int64_t M) {
     default:
       return nullptr;
   }
+  // clang-format on
 }
 #endif
 
@@ -174,8 +176,7 @@ void gemm_streaming(const float* A32, int64_t M, const Weight4& W, const float* 
       std::vector<float> scales(kblocks), res(M);
       for (int64_t n = lo; n < hi; ++n) {
         for (int64_t b = 0; b < kblocks; ++b) scales[b] = block_scale(W.src, n * kblocks + b);
-        row_fn(A32, K, W.packed + n * K / 2, scales.data(), W.blocksize, W.code.value,
-               res.data());
+        row_fn(A32, K, W.packed + n * K / 2, scales.data(), W.blocksize, W.code.value, res.data());
         for (int64_t m = 0; m < M; ++m) {
           out[m * N + n] = from_f32<T>(res[m] + (bias ? bias[n] : 0.f));
         }
