@@ -19,4 +19,7 @@ TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
                            "dequantize_blockwise_8bit", "gemm_4bit", "gemm_4bit_grad_input"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
   }
+  for (const char* name : {"lora_4bit_forward", "lora_4bit_backward"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
+  }
 }

@@ -33,4 +33,19 @@ TORCH_LIBRARY(qlora_ext, m) {
       "gemm_4bit_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, int N, int K, "
       "int blocksize, str quant_type, Tensor? nested_absmax=None, Tensor? nested_code=None, "
       "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
+  // LoRA over a 4-bit weight: (y, xa) with xa = dropout(x) @ lora_A^T (fp32, fp64 for fp64 x)
+  // and y = x @ dequant(W)^T + scale * xa @ lora_B^T (+ bias); dropout by seed, no mask kept.
+  m.def(
+      "lora_4bit_forward(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, "
+      "str quant_type, Tensor lora_A, Tensor lora_B, float scale, float dropout_p=0., "
+      "Tensor? seed=None, Tensor? bias=None, Tensor? nested_absmax=None, "
+      "Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256) "
+      "-> (Tensor, Tensor)");
+  // Its gradients (grad_x, grad_A, grad_B) from grad_out, x and the forward's xa.
+  m.def(
+      "lora_4bit_backward(Tensor grad_out, Tensor x, Tensor xa, Tensor packed, Tensor absmax, "
+      "int N, int K, int blocksize, str quant_type, Tensor lora_A, Tensor lora_B, float scale, "
+      "float dropout_p=0., Tensor? seed=None, Tensor? nested_absmax=None, "
+      "Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256) "
+      "-> (Tensor, Tensor, Tensor)");
 }

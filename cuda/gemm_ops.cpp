@@ -113,8 +113,8 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   const GemmPath path = gemm_path();
   const bool half_a = A.scalar_type() != at::kFloat;
   const bool small = M <= kSmallM && path != GemmPath::Panel && path != GemmPath::TensorCore;
-  const bool tc = !small && half_a && path != GemmPath::Panel &&
-                  (M <= kTcMaxM || path == GemmPath::TensorCore);
+  const bool tc =
+      !small && half_a && path != GemmPath::Panel && (M <= kTcMaxM || path == GemmPath::TensorCore);
   if (small) {
     const int splits = gemv_4bit_splits(N, K, num_sms(A.get_device()));
     at::Tensor ws = at::empty({splits * M * N}, A.options().dtype(at::kFloat));

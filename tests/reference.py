@@ -164,3 +164,36 @@ def gemm_4bit_grad_input(G, packed, absmax, N, K, blocksize, quant_type):
     """grad_out @ dequant(W) in float64: the oracle for gemm_4bit_grad_input."""
     W = dequantize_4bit(packed, absmax, blocksize, quant_type, (N, K), torch.float64)
     return G.double() @ W
+
+
+# ---- LoRA (issue 4) ---------------------------------------------------------------------------
+
+
+def lora_dropout_mask(seed: int, n: int, p: float) -> torch.Tensor:
+    """Note [Dropout by seed] (cpp/lora_dropout.h) in numpy uint64 arithmetic, which wraps
+    like C's: element i is kept when the top 32 bits of splitmix64's finaliser applied to
+    seed + golden * (i + 1) are at least p * 2^32. A bool tensor of n elements."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed % 2**64) + np.uint64(0x9E3779B97F4A7C15) * (
+            np.arange(n, dtype=np.uint64) + np.uint64(1)
+        )
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    threshold = min(int(p * 2**32), 2**32 - 1)
+    return torch.from_numpy((z >> np.uint64(32)) >= np.uint64(threshold))
+
+
+def lora_4bit(x, packed, absmax, N, K, blocksize, quant_type, A, B, scale, p=0.0, seed=0):
+    """(y, xa) of lora_4bit_forward in float64, with the dropout mask of lora_dropout_mask."""
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, (N, K), torch.float64)
+    x64 = x.double()
+    if p > 0:
+        keep = lora_dropout_mask(seed, x.numel(), p).reshape(x.shape)
+        xd = x64 * keep / (1 - p)
+    else:
+        xd = x64
+    xa = xd @ A.double().t()
+    return x64 @ W.t() + scale * xa @ B.double().t(), xa

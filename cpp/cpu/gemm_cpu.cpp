@@ -104,9 +104,9 @@ void dot_rows(Isa isa, const float* A, int64_t M, int64_t K, const float* w, flo
 // weight is read once and the only other traffic is A, which stays in L1/L2.
 // A: MT rows with leading dimension lda; the row of W and A are read over [0, len).
 template <int MT>
-QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t lda, int64_t len,
-                                      const uint8_t* wrow, const float* scales, int64_t blocksize,
-                                      const float* table, float* result) {
+QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t lda, int64_t len, const uint8_t* wrow,
+                                      const float* scales, int64_t blocksize, const float* table,
+                                      float* result) {
   constexpr int kAcc = MT <= 8 ? 2 : 1;  // two chains per row of A while registers allow
   __m512 acc[MT][kAcc];
   for (int m = 0; m < MT; ++m)
@@ -138,12 +138,13 @@ QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t lda, int64_t len,
   }
 }
 
-using GemvRowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*,
-                           int64_t, const float*, float*);
+using GemvRowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, int64_t,
+                           const float*, float*);
 
 // The compiled row counts: every M from 1 to 16, so the accumulators are exactly M registers.
 GemvRowFn gemv_row_for(int64_t M) {
   switch (M) {
+    // clang-format off: it cannot lay out a run of case-generating macros
 #define QX_CASE(n) \
   case n:          \
     return &gemv_row_avx512<n>;
@@ -154,6 +155,7 @@ GemvRowFn gemv_row_for(int64_t M) {
     default:
       return nullptr;
   }
+  // clang-format on
 }
 #endif
 

@@ -221,3 +221,122 @@ def _gemm_backward(ctx, grad_out):
 torch.library.register_autograd(
     "qlora_ext::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context
 )
+
+
+# ---- LoRA over a 4-bit weight ----------------------------------------------------------------
+# Fakes for lora_4bit_forward/backward and the autograd formula; the derivation is in
+# qlora_ext.lora's module docstring. xa (dropout(x) @ A^T) comes back in fp32 (fp64 for fp64
+# x): Note [LoRA accumulation] in cpp/lora_impl.h.
+
+
+def _check_lora(x, lora_A, lora_B, N, K, dropout_p, seed):
+    torch._check(
+        lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] > 0,
+        lambda: f"lora_A must have shape [r, K={K}] with r > 0, got {list(lora_A.shape)}",
+    )
+    r = lora_A.shape[0]
+    torch._check(
+        lora_B.dim() == 2 and lora_B.shape[0] == N and lora_B.shape[1] == r,
+        lambda: f"lora_B must have shape [N={N}, r={r}], got {list(lora_B.shape)}",
+    )
+    torch._check(0.0 <= dropout_p < 1.0, lambda: f"dropout_p must be in [0, 1), got {dropout_p}")
+    torch._check(
+        dropout_p == 0.0 or (seed is not None and seed.numel() == 1 and seed.dtype == torch.int64),
+        lambda: "seed must be a one-element int64 tensor when dropout_p > 0",
+    )
+
+
+def _lora_acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("qlora_ext::lora_4bit_forward")
+def _(
+    x,
+    packed,
+    absmax,
+    N,
+    K,
+    blocksize,
+    quant_type,
+    lora_A,
+    lora_B,
+    scale,
+    dropout_p=0.0,
+    seed=None,
+    bias=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_offset=None,
+    nested_blocksize=256,
+):
+    _check_gemm(x, "x", K, packed, absmax, N, K, blocksize, quant_type)
+    _check_lora(x, lora_A, lora_B, N, K, dropout_p, seed)
+    y = x.new_empty((*x.shape[:-1], N))
+    xa = x.new_empty((*x.shape[:-1], lora_A.shape[0]), dtype=_lora_acc_dtype(x))
+    return y, xa
+
+
+@torch.library.register_fake("qlora_ext::lora_4bit_backward")
+def _(
+    grad_out,
+    x,
+    xa,
+    packed,
+    absmax,
+    N,
+    K,
+    blocksize,
+    quant_type,
+    lora_A,
+    lora_B,
+    scale,
+    dropout_p=0.0,
+    seed=None,
+    nested_absmax=None,
+    nested_code=None,
+    nested_offset=None,
+    nested_blocksize=256,
+):
+    _check_gemm(grad_out, "grad_out", N, packed, absmax, N, K, blocksize, quant_type)
+    _check_gemm(x, "x", K, packed, absmax, N, K, blocksize, quant_type)
+    _check_lora(x, lora_A, lora_B, N, K, dropout_p, seed)
+    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _lora_setup_context(ctx, inputs, output):
+    (x, packed, absmax, N, K, bs, qt, lora_A, lora_B, scale, p, seed, bias, na, nc, no, nbs) = (
+        inputs
+    )
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, output[1], lora_A, lora_B)
+    ctx.weight = (packed, absmax, N, K, bs, qt)
+    ctx.lora = (scale, p, seed)
+    ctx.nested = dict(nested_absmax=na, nested_code=nc, nested_offset=no, nested_blocksize=nbs)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _lora_backward(ctx, grad_out, _grad_xa):
+    x, xa, lora_A, lora_B = ctx.saved_tensors
+    scale, p, seed = ctx.lora
+    grad_x, grad_A, grad_B = torch.ops.qlora_ext.lora_4bit_backward(
+        grad_out, x, xa, *ctx.weight, lora_A, lora_B, scale, p, seed, **ctx.nested
+    )
+    need = ctx.needs_input_grad
+    grad_bias = None
+    if ctx.bias_dtype is not None and need[12]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+    return (
+        grad_x if need[0] else None,
+        *([None] * 6),
+        grad_A if need[7] else None,
+        grad_B if need[8] else None,
+        *([None] * 3),
+        grad_bias,
+        *([None] * 4),
+    )
+
+
+torch.library.register_autograd(
+    "qlora_ext::lora_4bit_forward", _lora_backward, setup_context=_lora_setup_context
+)

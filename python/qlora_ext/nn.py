@@ -225,3 +225,6 @@ class Linear4bit(nn.Module):
                 missing_keys.append(bkey)
         elif bkey in state_dict:
             unexpected_keys.append(bkey)
+
+
+from .lora import LoRALinear4bit  # noqa: E402,F401  (lora.py builds on Linear4bit above)

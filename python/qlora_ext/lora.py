@@ -1,0 +1,167 @@
+r"""LoRA over a frozen 4-bit weight: ``lora_4bit`` (functional) and ``LoRALinear4bit``.
+
+Forward (``torch.ops.qlora_ext.lora_4bit_forward``), for x [M, K], W = dequant(W4) [N, K],
+A [r, K], B [N, r], s = alpha / r and the dropout D(x) = x * m / (1 - p) with a 0/1 mask m::
+
+    xa = D(x) @ Aᵀ                      [M, r]  (returned, kept for the backward)
+    y  = x @ Wᵀ + s · xa @ Bᵀ (+ bias)  [M, N]
+
+Only the seed of the mask is kept (Note [Dropout by seed], cpp/lora_dropout.h): the backward
+regenerates m, so nothing of size M x K is stored besides x itself, and no dense W ever is.
+
+Backward (``lora_4bit_backward``), with G = dL/dy. y is linear in each of x, A and B, so:
+
+- dL/dB: y depends on B through s · xa @ Bᵀ, so dL/dB[n, j] = s · Σ_m G[m, n] · xa[m, j],
+  that is ``grad_B = s · Gᵀ @ xa``.
+- dL/dxa = s · G @ B  (call it g, [M, r]).
+- dL/dA: xa = D(x) @ Aᵀ, so ``grad_A = gᵀ @ D(x)``: the mask is regenerated from the seed.
+- dL/dx has two paths. Through the frozen base, ``G @ W``: ``gemm_4bit_grad_input`` multiplies
+  by W4 panel by panel. Through the adapter, xa = D(x) @ Aᵀ gives ``Dᵀ(g @ A)``; D is diagonal
+  (elementwise mask times 1/(1-p)), so Dᵀ = D with the same mask.
+  ``grad_x = G @ W + D(g @ A)``.
+- dL/dbias = Σ_m G[m, :]; W4 and its quantization state are constants.
+
+Mixed precision (Note [LoRA accumulation], cpp/lora_impl.h): x may be bf16/fp16 while A and B
+are fp32. Every adapter product (D(x) @ Aᵀ, G @ B, Gᵀ @ xa, gᵀ @ D(x), g @ A) is computed with
+fp32 operands and fp32 accumulation (fp64 for fp64 inputs); grad_A and grad_B are rounded once
+to A's and B's dtypes. The base product accumulates in fp32 as well: on the CPU y stays fp32
+until the rank-r term is added and is rounded to x's dtype once; on CUDA the base GEMM runs in
+x's dtype with fp32 accumulation (cuBLAS) and the rank-r term, rounded to x's dtype, is added
+in the beta = 1 epilogue of one more GEMM. grad_x follows the same pattern.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import _nested_args
+from .nn import Linear4bit
+from .quant_state import QuantState
+
+_ops = torch.ops.qlora_ext
+
+
+def lora_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W4)ᵀ + scale · (dropout(x) @ lora_Aᵀ) @ lora_Bᵀ (+ bias)``.
+
+    Differentiable in x, lora_A, lora_B and bias (see the module docstring), and traceable by
+    ``torch.compile(fullgraph=True)``. With ``dropout_p > 0``, ``seed`` (a one-element int64
+    tensor) fixes the mask; None draws one from torch's default generator.
+    """
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qlora_ext.QuantState, got {type(state).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"lora_4bit needs a 2-D [N, K] weight, got shape {tuple(state.shape)}")
+    N, K = state.shape
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    if dropout_p > 0.0 and seed is None:
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+    y, _xa = _ops.lora_4bit_forward(
+        x,
+        packed.reshape(-1),
+        state.absmax,
+        N,
+        K,
+        state.blocksize,
+        state.quant_type,
+        lora_A,
+        lora_B,
+        float(scale),
+        float(dropout_p),
+        seed,
+        bias,
+        **_nested_args(state),
+    )
+    return y
+
+
+class LoRALinear4bit(Linear4bit):
+    """A frozen 4-bit ``Linear4bit`` plus a trainable rank-r adapter (``lora_A``, ``lora_B``).
+
+    ``y = x @ dequant(W4)ᵀ + (alpha / r) · (dropout(x) @ Aᵀ) @ Bᵀ + b``, computed by the fused
+    ``lora_4bit_forward`` op. A is Kaiming-uniform and B is zero (as in PEFT), so a fresh layer
+    computes exactly what the plain ``Linear4bit`` does. The adapters are ``nn.Linear``
+    submodules, so their state_dict keys (``lora_A.weight``, ``lora_B.weight``) are PEFT's.
+    The adapters stay in ``adapter_dtype`` (fp32 by default) while x runs in ``compute_dtype``.
+    """
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
+        blocksize: int = 64,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> LoRALinear4bit:
+        """Quantize ``linear`` to 4 bits and attach a LoRA adapter of rank ``r``."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r (the LoRA rank) must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        m = super().from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
+        m.r, m.lora_alpha, m.lora_dropout = r, float(alpha), float(dropout)
+        dev = m.weight.device
+        m.lora_A = nn.Linear(m.in_features, r, bias=False, device=dev, dtype=adapter_dtype)
+        m.lora_B = nn.Linear(r, m.out_features, bias=False, device=dev, dtype=adapter_dtype)
+        nn.init.kaiming_uniform_(m.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(m.lora_B.weight)
+        return m
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        p = self.lora_dropout if self.training else 0.0
+        y = lora_4bit(
+            x,
+            self.weight,
+            self.quant_state,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            p,
+            None,
+            bias,
+        )
+        return y.to(in_dtype)
+
+    def merged_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """``dequant(W4) + scaling · B @ A`` in fp32, rounded to ``dtype`` once.
+
+        The base is the dequantized 4-bit weight this layer trained against, not any original
+        16-bit weight (unsloth-zoo #810: merging into W16 adds W16 - dequant(W4), which can
+        swamp the update).
+        """
+        w = self.dequantized_weight().float()
+        w += self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return w.to(dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha:g}, "
+            f"lora_dropout={self.lora_dropout:g}"
+        )
