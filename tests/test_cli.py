@@ -1,0 +1,182 @@
+"""qlora-ext: the fine-tuning job end to end on a tiny offline model, resume after a real
+kill, and the command-line surface (help, errors)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+from tiny_hf_model import make_tiny_model_dir  # noqa: E402
+
+from qlora_ext import cli  # noqa: E402
+
+FAST = [
+    "--train-size",
+    "60",
+    "--eval-size",
+    "4",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "96",
+    "--lr",
+    "3e-3",
+    "--r",
+    "4",
+    "--alpha",
+    "8",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "qlora_ext.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_finetune_writes_everything(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    rc = cli.main(
+        [
+            "finetune",
+            "--model",
+            tiny_dir,
+            "--output-dir",
+            str(out),
+            "--steps",
+            "8",
+            "--save-every",
+            "4",
+            *FAST,
+        ]
+    )
+    assert rc == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["steps"] == 8 and len(s["history"]["loss"]) == 8
+    assert s["after"]["loss"] < s["before"]["loss"]  # even 8 steps of a tiny model learn
+    assert "exact_match" in s["after"] and s["peak_memory_bytes"] > 0
+    assert (out / "loss.png").stat().st_size > 1000
+    assert {p.name for p in (out / "adapter").iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [
+        "step_000004",
+        "step_000008",
+    ]
+
+
+def test_resume_after_kill_reproduces_the_loss_curve(tiny_dir, tmp_path):
+    steps = ["--steps", "40", "--save-every", "5", "--dropout", "0.1", *FAST]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert cli.main(["finetune", "--model", tiny_dir, "--output-dir", str(full), *steps]) == 0
+    # A real kill: SIGKILL as soon as the first checkpoint is complete.
+    p = run_cli("finetune", "--model", tiny_dir, "--output-dir", str(killed), *steps)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_000005" / "COMPLETE").exists():
+        assert p.poll() is None, p.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before the kill"
+    assert (
+        cli.main(["finetune", "--model", tiny_dir, "--output-dir", str(killed), "--resume", *steps])
+        == 0
+    )
+    a = json.loads((full / "summary.json").read_text())["history"]
+    b = json.loads((killed / "summary.json").read_text())["history"]
+    assert b["loss"] == a["loss"]  # bitwise: same batches, same dropout masks, same updates
+    assert b["step"] == a["step"]
+
+
+def test_bad_inputs_and_help(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    helptext = capsys.readouterr().out
+    assert "--quant-type" in helptext and "example:" in helptext and "(default: nf4)" in helptext
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    assert (
+        cli.main(
+            [
+                "finetune",
+                "--model",
+                tiny_dir,
+                "--data",
+                str(bad),
+                "--output-dir",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "line 2: not valid JSON" in err
+    assert (
+        cli.main(
+            ["finetune", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "y")]
+        )
+        == 2
+    )
+    assert "no such file or directory" in capsys.readouterr().err
+    assert cli.main(["finetune", "--model", tiny_dir, "--r", "0"]) == 2
+    assert "--r must be positive" in capsys.readouterr().err
+
+
+def test_eval_generate_merge_quantize(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        cli.main(["finetune", "--model", tiny_dir, "--output-dir", str(out), "--steps", "3", *FAST])
+        == 0
+    )
+    adapter = str(out / "adapter")
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", tiny_dir, "--adapter", adapter, "--eval-size", "3"]) == 0
+    assert "held-out loss" in capsys.readouterr().out
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                tiny_dir,
+                "--adapter",
+                adapter,
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    merged = tmp_path / "merged"
+    assert (
+        cli.main(["merge", "--model", tiny_dir, "--adapter", adapter, "--output-dir", str(merged)])
+        == 0
+    )
+    assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
+    from safetensors.torch import load_file
+
+    qpath = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", "--model", tiny_dir, "--output", str(qpath)]) == 0
+    sd = load_file(str(qpath))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert sd[key].dtype.is_floating_point is False and f"{key}.quant_state.bitsandbytes__nf4" in sd
+    assert "model.embed_tokens.weight" in sd and "lm_head.weight" in sd
