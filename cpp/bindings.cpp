@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/cpu_isa.h"
+#include "paged.h"
 
 #ifndef QLORA_EXT_CUDA_ARCHS
 #define QLORA_EXT_CUDA_ARCHS ""
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_C, m) {
       "What this build contains: CUDA kernels or not, their archs, the CPU ISA in use.");
   m.def("set_cpu_isa", &qlora_ext::cpu::set_isa, py::arg("isa"),
         "Force the CPU kernels onto 'avx512', 'avx2' or 'scalar' ('auto' restores the best).");
+  qlora_ext::paged::register_bindings(m);
 }

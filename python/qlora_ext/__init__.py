@@ -37,3 +37,5 @@ __all__ = [
     "quantize_4bit",
     "quantize_blockwise_8bit",
 ]
+
+from . import optim  # noqa: E402,F401  (qlora_ext.optim.PagedAdamW, PagedAdamW8bit)
