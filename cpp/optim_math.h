@@ -95,10 +95,25 @@ QX_HD bool is_finite(float x) { return x == x && x - x == 0.0f; }
 // code nearest to x / a (a == 0 stores the code nearest 0). Nearest means: the number of
 // midpoints 0.5 * (code[k] + code[k + 1]) strictly below the value, so a value exactly on a
 // midpoint takes the lower code (the same deterministic rule on host and device). No lookup
-// table: both maps are sorted, and 8 comparisons find the code.
-QX_HD uint8_t quantize_nearest(const float* code, float x, float absmax) {
+// table: the 255 midpoints are computed once per call (shared memory on the GPU) and a
+// branchless 8-step binary search finds the code (data-dependent branches mispredict on
+// every other element).
+constexpr int kNumMidpoints = 255;
+
+QX_HD float code_midpoint(const float* code, int k) {
+  return mul_rn(0.5f, add_rn(code[k], code[k + 1]));
+}
+
+// Number of the 255 sorted midpoints strictly below x.
+QX_HD int count_below(const float* mid, float x) {
+  int pos = 0;
+  for (int step = 128; step > 0; step >>= 1) pos += (mid[pos + step - 1] < x) ? step : 0;
+  return pos;
+}
+
+QX_HD uint8_t quantize_nearest(const float* mid, float x, float absmax) {
   const float scaled = absmax > 0.0f ? div_rn(x, absmax) : 0.0f;
-  return uint8_t(count_midpoints_below(code, scaled));
+  return uint8_t(count_below(mid, scaled));
 }
 
 QX_HD float dequantize_code(const float* code, uint8_t q, float absmax) {

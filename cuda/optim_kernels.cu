@@ -64,11 +64,15 @@ __global__ void __launch_bounds__(kThreads)
                       const float* __restrict__ cs, const float* __restrict__ cu, int64_t n,
                       AdamWScalars s, const unsigned long long* __restrict__ skip) {
   if (*skip) return;
-  __shared__ float s_cs[256], s_cu[256];
+  __shared__ float s_cs[256], s_cu[256], mid_s[kNumMidpoints], mid_u[kNumMidpoints];
   __shared__ float scratch_m[kThreads / 32], scratch_v[kThreads / 32];
   const int t = threadIdx.x;
   s_cs[t] = cs[t];
   s_cu[t] = cu[t];
+  if (t < kNumMidpoints) {
+    mid_s[t] = code_midpoint(cs, t);
+    mid_u[t] = code_midpoint(cu, t);
+  }
   __syncthreads();
   const int64_t blk = blockIdx.x;
   const int64_t i = blk * kOptimBlock + t;
@@ -89,8 +93,8 @@ __global__ void __launch_bounds__(kThreads)
     av[blk] = v_max;
   }
   if (live) {
-    qm[i] = quantize_nearest(s_cs, m, m_max);
-    qv[i] = quantize_nearest(s_cu, v, v_max);
+    qm[i] = quantize_nearest(mid_s, m, m_max);
+    qv[i] = quantize_nearest(mid_u, v, v_max);
   }
 }
 

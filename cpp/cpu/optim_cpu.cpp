@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "../optim_checks.h"
 #include "../optim_math.h"
 #include "dequant4.h"
@@ -41,10 +43,17 @@ void adamw_32bit_impl(T* p, const T* g, float* m, float* v, int64_t n, const Ada
   });
 }
 
+std::array<float, kNumMidpoints> midpoints(const float* code) {
+  std::array<float, kNumMidpoints> mid;
+  for (int k = 0; k < kNumMidpoints; ++k) mid[k] = code_midpoint(code, k);
+  return mid;
+}
+
 template <typename T>
 void adamw_8bit_impl(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, float* av,
                      const float* cs, const float* cu, int64_t n, const AdamWScalars& s) {
   const int64_t nblocks = ceil_div(n, kOptimBlock);
+  const auto mid_s = midpoints(cs), mid_u = midpoints(cu);
   at::parallel_for(0, nblocks, kGrain / kOptimBlock, [&](int64_t lo, int64_t hi) {
     float m[kOptimBlock], v[kOptimBlock];
     for (int64_t blk = lo; blk < hi; ++blk) {
@@ -65,8 +74,8 @@ void adamw_8bit_impl(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, floa
       am[blk] = m_max;
       av[blk] = v_max;
       for (int64_t k = 0; k < len; ++k) {
-        qm[start + k] = quantize_nearest(cs, m[k], m_max);
-        qv[start + k] = quantize_nearest(cu, v[k], v_max);
+        qm[start + k] = quantize_nearest(mid_s.data(), m[k], m_max);
+        qv[start + k] = quantize_nearest(mid_u.data(), v[k], v_max);
       }
     }
   });
