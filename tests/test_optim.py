@@ -73,6 +73,52 @@ def test_adamw_32bit_matches_reference(device, dtype):
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_adamw_32bit_isa_paths_agree_bitwise(cpu_isa, dtype):
+    n = 1000 + 13  # vector body and scalar tail
+    p = torch.randn(n).to(dtype)
+    m, v = torch.randn(n) * 1e-2, torch.rand(n) * 1e-4
+    g = torch.randn(n).to(dtype)
+    args = (2, 1e-3, 0.9, 0.999, 1e-8, 1e-2)
+    out = [p.clone(), m.clone(), v.clone()]
+    ops.adamw_step_32bit(out[0], g, out[1], out[2], *args)
+    qlora_ext._C.set_cpu_isa("scalar")
+    want = [p.clone(), m.clone(), v.clone()]
+    ops.adamw_step_32bit(want[0], g, want[1], want[2], *args)
+    qlora_ext._C.set_cpu_isa(cpu_isa)
+    for a, b in zip(out, want, strict=True):
+        assert torch.equal(a, b)
+    for beta1 in (0.3, 0.0):  # the other lerp form (weight >= 0.5) and weight 1
+        a, b = [p.clone(), m.clone(), v.clone()], [p.clone(), m.clone(), v.clone()]
+        ops.adamw_step_32bit(a[0], g, a[1], a[2], 2, 1e-3, beta1, 0.999, 1e-8, 0.0)
+        ref.adamw_step_32bit(b[0], g, b[1], b[2], 2, 1e-3, beta1, 0.999, 1e-8, 0.0)
+        assert torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adamw_8bit_isa_paths_agree_bitwise(cpu_isa, dtype):
+    n = 256 * 9 + 100  # full blocks (vector path) and a partial one (scalar)
+    p = torch.randn(n).to(dtype)
+    cs, cu = dynamic_map(True), dynamic_map(False)
+    st = [
+        torch.randint(0, 256, (n,), dtype=torch.uint8),
+        torch.rand(10) * 1e-2,
+        torch.randint(0, 256, (n,), dtype=torch.uint8),
+        torch.rand(10) * 1e-4,
+    ]
+    st[1][3] = 0.0  # an all-zero block
+    g = torch.randn(n).to(dtype) * 1e-2
+    args = (5, 1e-3, 0.9, 0.999, 1e-8, 1e-2)
+    out = [p.clone()] + [t.clone() for t in st]
+    ops.adamw_step_8bit_blockwise(out[0], g, *out[1:], cs, cu, *args)
+    qlora_ext._C.set_cpu_isa("scalar")
+    want = [p.clone()] + [t.clone() for t in st]
+    ops.adamw_step_8bit_blockwise(want[0], g, *want[1:], cs, cu, *args)
+    qlora_ext._C.set_cpu_isa(cpu_isa)
+    for a, b in zip(out, want, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_adamw_8bit_matches_reference(device, dtype):
