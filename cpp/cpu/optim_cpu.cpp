@@ -145,21 +145,46 @@ void adamw_8bit_block_scalar(T* p, const T* g, uint8_t* qm, float& am, uint8_t* 
 }
 
 #if QX_X86
-// The scalar block's operations on 16 lanes (gathers for the code lookups and the branchless
-// search), so the bits are the same. Full blocks only.
-QX_TARGET_AVX512 inline __m512i count_below16(const float* mid, __m512 x) {
-  __m512i pos = _mm512_setzero_si512();
-  for (int step = 128; step > 0; step >>= 1) {
-    const __m512i probe = _mm512_add_epi32(pos, _mm512_set1_epi32(step - 1));
-    const __mmask16 lt = _mm512_cmp_ps_mask(_mm512_i32gather_ps(probe, mid, 4), x, _CMP_LT_OQ);
-    pos = _mm512_mask_add_epi32(pos, lt, pos, _mm512_set1_epi32(step));
+// The 255 midpoints laid out for a two-level search on 16 lanes without gathers (slow on CPUs
+// with the gather-data-sampling mitigation): coarse[j] = mid[16j + 15] counts the groups of 16
+// that lie wholly below x, then fine[k][c] = mid[16c + k] is permuted into each lane to count
+// inside its group c. The result equals count_below (mid[255] = +inf pads the last group).
+struct Mid16 {
+  alignas(64) float coarse[16];
+  alignas(64) float fine[16][16];
+};
+
+Mid16 mid16(const float* mid) {
+  Mid16 t;
+  for (int j = 0; j < 16; ++j) {
+    t.coarse[j] = j < 15 ? mid[16 * j + 15] : INFINITY;
+    for (int k = 0; k < 16; ++k) {
+      const int i = 16 * j + k;
+      t.fine[k][j] = i < kNumMidpoints ? mid[i] : INFINITY;
+    }
   }
-  return pos;
+  return t;
 }
 
+QX_TARGET_AVX512 inline __m512i count_below16(const Mid16& t, __m512 x) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i c = _mm512_setzero_si512(), f = _mm512_setzero_si512();
+  for (int j = 0; j < 15; ++j) {
+    const __mmask16 lt = _mm512_cmp_ps_mask(_mm512_set1_ps(t.coarse[j]), x, _CMP_LT_OQ);
+    c = _mm512_mask_add_epi32(c, lt, c, one);
+  }
+  for (int k = 0; k < 16; ++k) {
+    const __m512 mk = _mm512_permutexvar_ps(c, _mm512_load_ps(t.fine[k]));
+    f = _mm512_mask_add_epi32(f, _mm512_cmp_ps_mask(mk, x, _CMP_LT_OQ), f, one);
+  }
+  return _mm512_add_epi32(_mm512_slli_epi32(c, 4), f);
+}
+
+// The scalar block's operations on 16 lanes, so the bits are the same. Full blocks only.
 template <typename T>
 QX_TARGET_AVX512 void adamw_8bit_block_avx512(T* p, const T* g, uint8_t* qm, float& am, uint8_t* qv,
-                                              float& av, const Maps8& maps, const AdamWScalars& s) {
+                                              float& av, const Maps8& maps, const Mid16& ts,
+                                              const Mid16& tu, const AdamWScalars& s) {
   const bool small = (s.weight < 0.0f ? -s.weight : s.weight) < 0.5f;
   const __m512 decay = _mm512_set1_ps(s.decay), beta2 = _mm512_set1_ps(s.beta2);
   const __m512 w = _mm512_set1_ps(small ? s.weight : s.weight - 1.0f);
@@ -168,14 +193,14 @@ QX_TARGET_AVX512 void adamw_8bit_block_avx512(T* p, const T* g, uint8_t* qm, flo
   const __m512 am_v = _mm512_set1_ps(am), av_v = _mm512_set1_ps(av);
   const __m512 sign = _mm512_set1_ps(-0.0f);
   alignas(64) float m[kOptimBlock], v[kOptimBlock];
+  for (int k = 0; k < kOptimBlock; ++k) {  // table lookups: plain loads beat gathers
+    m[k] = maps.cs[qm[k]];
+    v[k] = maps.cu[qv[k]];
+  }
   __m512 m_max = _mm512_setzero_ps(), v_max = _mm512_setzero_ps();
   for (int k = 0; k < kOptimBlock; k += 16) {
-    const __m512i im =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qm + k)));
-    const __m512i iv =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qv + k)));
-    __m512 M = _mm512_mul_ps(_mm512_i32gather_ps(im, maps.cs, 4), am_v);
-    __m512 V = _mm512_mul_ps(_mm512_i32gather_ps(iv, maps.cu, 4), av_v);
+    __m512 M = _mm512_mul_ps(_mm512_load_ps(m + k), am_v);
+    __m512 V = _mm512_mul_ps(_mm512_load_ps(v + k), av_v);
     const __m512 G = load16(g + k);
     const __m512 P = _mm512_mul_ps(load16(p + k), decay);
     M = _mm512_fmadd_ps(w, _mm512_sub_ps(G, M), small ? M : G);
@@ -190,15 +215,14 @@ QX_TARGET_AVX512 void adamw_8bit_block_avx512(T* p, const T* g, uint8_t* qm, flo
   am = _mm512_reduce_max_ps(m_max);
   av = _mm512_reduce_max_ps(v_max);
   const __m512 am_new = _mm512_set1_ps(am), av_new = _mm512_set1_ps(av);
+  const __m512 zero = _mm512_setzero_ps();
   for (int k = 0; k < kOptimBlock; k += 16) {
-    const __m512 sm =
-        am > 0.0f ? _mm512_div_ps(_mm512_load_ps(m + k), am_new) : _mm512_setzero_ps();
-    const __m512 sv =
-        av > 0.0f ? _mm512_div_ps(_mm512_load_ps(v + k), av_new) : _mm512_setzero_ps();
+    const __m512 sm = am > 0.0f ? _mm512_div_ps(_mm512_load_ps(m + k), am_new) : zero;
+    const __m512 sv = av > 0.0f ? _mm512_div_ps(_mm512_load_ps(v + k), av_new) : zero;
     _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + k),
-                     _mm512_cvtepi32_epi8(count_below16(maps.mid_s, sm)));
+                     _mm512_cvtepi32_epi8(count_below16(ts, sm)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(qv + k),
-                     _mm512_cvtepi32_epi8(count_below16(maps.mid_u, sv)));
+                     _mm512_cvtepi32_epi8(count_below16(tu, sv)));
   }
 }
 #endif
@@ -210,13 +234,16 @@ void adamw_8bit_impl(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, floa
   const auto mid_s = midpoints(cs), mid_u = midpoints(cu);
   const Maps8 maps{cs, cu, mid_s.data(), mid_u.data()};
   const Isa isa = current_isa();
+#if QX_X86
+  const Mid16 ts = mid16(mid_s.data()), tu = mid16(mid_u.data());
+#endif
   at::parallel_for(0, nblocks, kGrain / kOptimBlock, [&](int64_t lo, int64_t hi) {
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t i = blk * kOptimBlock;
       const int64_t len = std::min<int64_t>(kOptimBlock, n - i);
 #if QX_X86
       if (len == kOptimBlock && isa == Isa::Avx512) {
-        adamw_8bit_block_avx512(p + i, g + i, qm + i, am[blk], qv + i, av[blk], maps, s);
+        adamw_8bit_block_avx512(p + i, g + i, qm + i, am[blk], qv + i, av[blk], maps, ts, tu, s);
         continue;
       }
 #endif
