@@ -7,6 +7,7 @@
 
 #include "cpu/cpu_isa.h"
 #include "gemm_path.h"
+#include "paged.h"
 
 #ifndef QLORA_EXT_CUDA_ARCHS
 #define QLORA_EXT_CUDA_ARCHS ""
@@ -37,4 +38,5 @@ PYBIND11_MODULE(_C, m) {
         "Force the 4-bit GEMM onto 'small' (streaming, M <= 16), 'tc' (CUDA tensor cores, "
         "16-bit A) or 'panel' (dequantize panels + BLAS) where the path applies; 'auto' "
         "restores the heuristic.");
+  qlora_ext::paged::register_bindings(m);
 }

@@ -48,4 +48,18 @@ TORCH_LIBRARY(qlora_ext, m) {
       "float dropout_p=0., Tensor? seed=None, Tensor? nested_absmax=None, "
       "Tensor? nested_code=None, Tensor? nested_offset=None, int nested_blocksize=256) "
       "-> (Tensor, Tensor, Tensor)");
+  // Fused AdamW step (torch.optim.AdamW's maths, Note [AdamW order] in optim_math.h), in place
+  // on param and the fp32 states. Returns the number of non-finite grad elements (0-d int64); if
+  // it is not 0 nothing is written. step is 1-based.
+  m.def(
+      "adamw_step_32bit(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "int step, float lr, float beta1, float beta2, float eps, float weight_decay) -> Tensor");
+  // The same step with both moments stored in 8 bits, blocks of 256 with an fp32 absmax each:
+  // exp_avg against the signed dynamic map, exp_avg_sq against the unsigned one. Dequantize,
+  // update and requantize in one pass (Note [8-bit state quantization]).
+  m.def(
+      "adamw_step_8bit_blockwise(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg_q, "
+      "Tensor(c!) exp_avg_absmax, Tensor(d!) exp_avg_sq_q, Tensor(e!) exp_avg_sq_absmax, "
+      "Tensor code_signed, Tensor code_unsigned, int step, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay) -> Tensor");
 }

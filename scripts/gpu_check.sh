@@ -86,5 +86,9 @@ for b in benchmarks/bench_*.py; do
     || { echo "$name failed" | tee -a "$OUT/summary.txt"; status=1; }
   grep -E '^\|' "$OUT/$name.log" | tee -a "$OUT/summary.txt"
 done
+step "paged optimizer spike (benchmarks/spike_optim.py)"
+timeout 240 "$PY" benchmarks/spike_optim.py --json "$OUT/spike_optim.json" >"$OUT/spike_optim.log" 2>&1 \
+  || { echo "spike_optim failed" | tee -a "$OUT/summary.txt"; status=1; }
+grep -E '^\||spike_optim' "$OUT/spike_optim.log" | tee -a "$OUT/summary.txt"
 step "done, status $status"
 exit $status

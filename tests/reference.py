@@ -197,3 +197,88 @@ def lora_4bit(x, packed, absmax, N, K, blocksize, quant_type, A, B, scale, p=0.0
         xd = x64
     xa = xd @ A.double().t()
     return x64 @ W.t() + scale * xa @ B.double().t(), xa
+
+
+# ---- AdamW (paged optimizers) ---------------------------------------------------------------
+# One fp32 tensor op per rounding, in the order of torch.optim.AdamW's single-tensor path
+# (Note [AdamW order] in cpp/optim_math.h); the scalars are Python doubles rounded once to fp32.
+
+
+def adamw_scalars(step, lr, beta1, beta2, eps, weight_decay):
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    return dict(
+        decay=1 - lr * weight_decay,
+        weight=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        bc2_sqrt=bc2**0.5,
+        neg_step_size=-(lr / bc1),
+        eps=eps,
+    )
+
+
+def _fma(a, b, c):
+    """fp32 a * b + c rounded once (to within float64's double rounding): the product is exact
+    in float64, the sum rounds there and then to fp32."""
+    a = a.double() if torch.is_tensor(a) else torch.tensor(a, dtype=torch.float32).double()
+    return (a * b.double() + c.double()).float()
+
+
+def adamw_elementwise(p, g, m, v, s):
+    """Returns new (p, m, v) as fp32 tensors; p and g may be any float dtype."""
+    p, g = p.float(), g.float()
+    p = p * s["decay"]
+    w = s["weight"]
+    m = _fma(w, g - m, m) if abs(w) < 0.5 else _fma(w - 1, g - m, g)
+    v = _fma(s["one_minus_beta2"] * g, g, v * s["beta2"])
+    denom = v.double().sqrt().float() / s["bc2_sqrt"] + s["eps"]  # correctly rounded sqrt
+    p = p + (s["neg_step_size"] * m) / denom
+    return p, m, v
+
+
+def adamw_step_32bit(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
+    """In place, like the op; returns the non-finite count (then nothing is written)."""
+    bad = int((~torch.isfinite(grad)).sum())
+    if bad:
+        return bad
+    s = adamw_scalars(step, lr, beta1, beta2, eps, wd)
+    p, m, v = adamw_elementwise(param, grad, exp_avg, exp_avg_sq, s)
+    param.copy_(p.to(param.dtype))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    return 0
+
+
+def quantize_nearest(code, x, absmax):
+    """Index of the nearest code to x / absmax; a value on a midpoint takes the lower code."""
+    mids = (code[:-1] + code[1:]) * 0.5
+    scaled = torch.where(absmax > 0, x / torch.where(absmax > 0, absmax, 1.0), 0.0)
+    return torch.searchsorted(mids, scaled.contiguous(), right=False).to(torch.uint8)
+
+
+def adamw_step_8bit_blockwise(param, grad, qm, am, qv, av, cs, cu, step, lr, b1, b2, eps, wd):
+    bad = int((~torch.isfinite(grad)).sum())
+    if bad:
+        return bad
+    n, bs = param.numel(), 256
+    nb = -(-n // bs)
+    pad = nb * bs - n
+
+    def blocks(t, fill=0):
+        t = t.reshape(-1)
+        return torch.cat([t, t.new_full((pad,), fill)]).reshape(nb, bs)
+
+    m = cs[blocks(qm).long()] * am.view(-1, 1)
+    v = cu[blocks(qv).long()] * av.view(-1, 1)
+    s = adamw_scalars(step, lr, b1, b2, eps, wd)
+    p, m, v = adamw_elementwise(blocks(param), blocks(grad), m, v, s)
+    live = (torch.arange(nb * bs) < n).reshape(nb, bs)
+    m, v = torch.where(live, m, 0.0), torch.where(live, v, 0.0)
+    new_am, new_av = m.abs().amax(1), v.amax(1)
+    param.copy_(p.reshape(-1)[:n].to(param.dtype).reshape(param.shape))
+    qm.copy_(quantize_nearest(cs, m, new_am.view(-1, 1)).reshape(-1)[:n].reshape(qm.shape))
+    qv.copy_(quantize_nearest(cu, v, new_av.view(-1, 1)).reshape(-1)[:n].reshape(qv.shape))
+    am.copy_(new_am)
+    av.copy_(new_av)
+    return 0

@@ -50,3 +50,4 @@ __all__ += [
     "prepare_model",
     "save_adapter",
 ]
+from . import optim  # noqa: E402,F401  (qlora_ext.optim.PagedAdamW, PagedAdamW8bit)

@@ -340,3 +340,71 @@ def _lora_backward(ctx, grad_out, _grad_xa):
 torch.library.register_autograd(
     "qlora_ext::lora_4bit_forward", _lora_backward, setup_context=_lora_setup_context
 )
+# ---- fused AdamW (paged optimizers) ---------------------------------------------------------
+# Both ops update param and states in place and return a 0-d int64 count of non-finite grad
+# elements (non-zero: nothing was written). States are always fp32 / uint8 whatever param is.
+
+_OPTIM_BLOCK = 256
+
+
+def _check_adamw(param, grad, step, lr, beta1, beta2, eps, weight_decay):
+    torch._check(
+        param.dtype in _FLOATS,
+        lambda: f"param must be float32, float16 or bfloat16, got {param.dtype}",
+    )
+    torch._check(
+        grad.dtype == param.dtype,
+        lambda: f"grad must have param's dtype {param.dtype}, got {grad.dtype}",
+    )
+    torch._check(
+        grad.numel() == param.numel(),
+        lambda: f"grad has {grad.numel()} elements but param has {param.numel()}",
+    )
+    torch._check(step >= 1, lambda: f"step must be >= 1 (1-based), got {step}")
+    torch._check(lr >= 0, lambda: f"lr must be >= 0, got {lr}")
+    torch._check(0 <= beta1 < 1, lambda: f"beta1 must be in [0, 1), got {beta1}")
+    torch._check(0 <= beta2 < 1, lambda: f"beta2 must be in [0, 1), got {beta2}")
+    torch._check(eps > 0, lambda: f"eps must be > 0, got {eps}")
+    torch._check(weight_decay >= 0, lambda: f"weight_decay must be >= 0, got {weight_decay}")
+
+
+def _check_state(t, name, dtype, numel):
+    torch._check(t.dtype == dtype, lambda: f"{name} must be {dtype}, got {t.dtype}")
+    torch._check(t.numel() == numel, lambda: f"{name} has {t.numel()} elements, expected {numel}")
+
+
+@torch.library.register_fake("qlora_ext::adamw_step_32bit")
+def _(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay):
+    _check_adamw(param, grad, step, lr, beta1, beta2, eps, weight_decay)
+    _check_state(exp_avg, "exp_avg", torch.float32, param.numel())
+    _check_state(exp_avg_sq, "exp_avg_sq", torch.float32, param.numel())
+    return param.new_empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("qlora_ext::adamw_step_8bit_blockwise")
+def _(
+    param,
+    grad,
+    exp_avg_q,
+    exp_avg_absmax,
+    exp_avg_sq_q,
+    exp_avg_sq_absmax,
+    code_signed,
+    code_unsigned,
+    step,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+):
+    _check_adamw(param, grad, step, lr, beta1, beta2, eps, weight_decay)
+    n = param.numel()
+    nb = _ceil_div(n, _OPTIM_BLOCK)
+    _check_state(exp_avg_q, "exp_avg_q", torch.uint8, n)
+    _check_state(exp_avg_absmax, "exp_avg_absmax", torch.float32, nb)
+    _check_state(exp_avg_sq_q, "exp_avg_sq_q", torch.uint8, n)
+    _check_state(exp_avg_sq_absmax, "exp_avg_sq_absmax", torch.float32, nb)
+    _check_state(code_signed, "code_signed", torch.float32, 256)
+    _check_state(code_unsigned, "code_unsigned", torch.float32, 256)
+    return param.new_empty((), dtype=torch.int64)

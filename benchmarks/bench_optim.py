@@ -1,0 +1,109 @@
+"""Optimizer step time and state size: qlora_ext's PagedAdamW / PagedAdamW8bit against
+torch.optim.AdamW (fused where the device has it, else foreach) and bitsandbytes 0.50.2's
+PagedAdamW / PagedAdamW8bit, same run, same parameters and gradients: 50M fp32 parameters in
+eight tensors (a stack of transformer-sized matrices).
+
+    python benchmarks/bench_optim.py                 # CPU
+    python benchmarks/bench_optim.py --device cuda   # GPU: adds PagedAdamW(page_out=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import warnings
+
+import torch
+from _common import markdown_table, time_fn, write_json, write_section
+
+import qlora_ext  # noqa: F401  (registers the ops)
+from qlora_ext.optim import PagedAdamW, PagedAdamW8bit
+
+try:
+    import bitsandbytes as bnb
+except Exception:  # optional: the table then shows torch and ours only
+    bnb = None
+
+N_PARAMS = 50_000_000
+N_TENSORS = 8
+
+
+def torch_adamw(params, device):
+    """torch's fastest AdamW on this device: fused if it builds, else foreach."""
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        return opt, "torch AdamW (fused)"
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True), "torch AdamW (foreach)"
+
+
+def state_bytes(opt) -> int:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def candidates(device):
+    yield lambda ps: torch_adamw(ps, device)
+    yield lambda ps: (PagedAdamW(ps, lr=1e-4), "qlora_ext PagedAdamW")
+    if device == "cuda":
+        yield lambda ps: (PagedAdamW(ps, lr=1e-4, page_out=True), "qlora_ext PagedAdamW page_out")
+    yield lambda ps: (PagedAdamW8bit(ps, lr=1e-4), "qlora_ext PagedAdamW8bit")
+    if bnb is not None:
+        yield lambda ps: (bnb.optim.PagedAdamW(ps, lr=1e-4), "bitsandbytes PagedAdamW")
+        yield lambda ps: (bnb.optim.PagedAdamW8bit(ps, lr=1e-4), "bitsandbytes PagedAdamW8bit")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument("--params", type=int, default=N_PARAMS, help="total parameters (50M)")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    dev = args.device
+    torch.manual_seed(0)
+    per = args.params // N_TENSORS
+    params = [torch.nn.Parameter(torch.randn(per, device=dev) * 0.02) for _ in range(N_TENSORS)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    n = sum(p.numel() for p in params)
+    rows, table, base = [], [], None
+    for make in candidates(dev):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bitsandbytes warns that paging is CUDA-only
+            opt, name = make(params)
+            opt.step()  # creates the states
+            t = time_fn(opt.step, dev, min_time=1.0, min_runs=3, warmup=0.0)
+        bpp = state_bytes(opt) / n
+        base = base or t
+        rows.append(dict(optimizer=name, device=dev, params=n, state_bytes_per_param=bpp,
+                         step_ms=t * 1e3, relative_to_torch=t / base))  # fmt: skip
+        table.append([name, f"{bpp:.3f}", f"{t * 1e3:.1f}", f"{t / base:.2f}x"])
+        print(" | ".join(table[-1]), flush=True)
+        del opt
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    headers = ["optimizer", "state bytes / param", f"step ms ({n / 1e6:.0f}M fp32 params)",
+               "time vs torch"]  # fmt: skip
+    md = markdown_table(headers, table)
+    print(md)
+    write_json(args.json, rows)
+    if not args.no_results:
+        notes = (
+            "Same parameters and gradients for every optimizer; one step = the whole update of "
+            "all eight tensors. State bytes count every state tensor (bitsandbytes' include its "
+            "per-tensor quantization maps)."
+        )
+        write_section(f"bench_optim:{dev}", f"AdamW step ({dev})", md, dev, notes)
+
+
+if __name__ == "__main__":
+    main()

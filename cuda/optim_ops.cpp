@@ -1,0 +1,79 @@
+// ATen glue for the CUDA AdamW kernels (TORCH_LIBRARY_IMPL CUDA): checks, device guard, the
+// current stream, and the device-side skip counter that is also the op's result (no host sync).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda_glue.h"
+#include "optim_checks.h"
+#include "optim_launchers.h"
+
+namespace qlora_ext::cuda {
+namespace {
+
+// The counter is an int64 tensor; the kernels add to it as unsigned 64-bit (same bytes).
+unsigned long long* counter_ptr(at::Tensor& c) {
+  return reinterpret_cast<unsigned long long*>(c.data_ptr<int64_t>());
+}
+
+at::Tensor adamw_step_32bit_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                                 at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1,
+                                 double beta2, double eps, double weight_decay) {
+  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
+  check_state(exp_avg, "exp_avg", at::kFloat, param.numel(), param);
+  check_state(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel(), param);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const at::Tensor g = grad.contiguous();
+  auto skipped = at::zeros({}, param.options().dtype(at::kLong));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DType dt = to_dtype(param.scalar_type());
+  check_launch(
+      launch_count_nonfinite(g.const_data_ptr(), dt, g.numel(), counter_ptr(skipped), stream),
+      "adamw_step_32bit (non-finite count)");
+  check_launch(
+      launch_adamw_32bit(param.data_ptr(), g.const_data_ptr(), dt, exp_avg.data_ptr<float>(),
+                         exp_avg_sq.data_ptr<float>(), param.numel(),
+                         adamw_scalars(step, lr, beta1, beta2, eps, weight_decay),
+                         counter_ptr(skipped), stream),
+      "adamw_step_32bit");
+  return skipped;
+}
+
+at::Tensor adamw_step_8bit_blockwise_cuda(at::Tensor& param, const at::Tensor& grad,
+                                          at::Tensor& exp_avg_q, at::Tensor& exp_avg_absmax,
+                                          at::Tensor& exp_avg_sq_q, at::Tensor& exp_avg_sq_absmax,
+                                          const at::Tensor& code_signed,
+                                          const at::Tensor& code_unsigned, int64_t step, double lr,
+                                          double beta1, double beta2, double eps,
+                                          double weight_decay) {
+  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
+  check_adamw_8bit_states(param, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax,
+                          code_signed, code_unsigned);
+  const c10::cuda::CUDAGuard guard(param.device());
+  const at::Tensor g = grad.contiguous();
+  auto skipped = at::zeros({}, param.options().dtype(at::kLong));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DType dt = to_dtype(param.scalar_type());
+  check_launch(
+      launch_count_nonfinite(g.const_data_ptr(), dt, g.numel(), counter_ptr(skipped), stream),
+      "adamw_step_8bit_blockwise (non-finite count)");
+  check_launch(
+      launch_adamw_8bit(param.data_ptr(), g.const_data_ptr(), dt, exp_avg_q.data_ptr<uint8_t>(),
+                        exp_avg_absmax.data_ptr<float>(), exp_avg_sq_q.data_ptr<uint8_t>(),
+                        exp_avg_sq_absmax.data_ptr<float>(), code_signed.const_data_ptr<float>(),
+                        code_unsigned.const_data_ptr<float>(), param.numel(),
+                        adamw_scalars(step, lr, beta1, beta2, eps, weight_decay),
+                        counter_ptr(skipped), stream),
+      "adamw_step_8bit_blockwise");
+  return skipped;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
+  m.impl("adamw_step_32bit", &adamw_step_32bit_cuda);
+  m.impl("adamw_step_8bit_blockwise", &adamw_step_8bit_blockwise_cuda);
+}
+
+}  // namespace qlora_ext::cuda
