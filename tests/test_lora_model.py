@@ -229,3 +229,23 @@ def test_merge_adapter_matches_unmerged_model():
         # 4-bit rounding of the merged weight: only a loose agreement (see the docstring).
         err = (requant(ids).logits.float() - model(ids).logits.float()).abs().mean()
         assert err < 0.2
+
+
+def test_save_adapter_is_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous adapter intact and no stray file."""
+    import safetensors.torch
+
+    model = prepared()
+    qlora_ext.save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    randomize_adapters(model)
+
+    def dying_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a header")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        qlora_ext.save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
