@@ -249,3 +249,24 @@ def test_save_adapter_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         qlora_ext.save_adapter(model, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_prepare_model_frees_each_weight_before_quantizing_the_next(monkeypatch):
+    """Layer by layer: when a layer is quantized, the full-precision weight of every layer
+    quantized before it is already gone, so two full-precision copies never coexist."""
+    import weakref
+
+    refs = []
+    original = LoRALinear4bit.from_linear.__func__
+
+    def spy(cls, linear, *args, **kwargs):
+        alive = [r for r in refs if r() is not None]
+        assert not alive, f"{len(alive)} replaced full-precision weights are still alive"
+        layer = original(cls, linear, *args, **kwargs)
+        refs.append(weakref.ref(linear.weight))
+        return layer
+
+    monkeypatch.setattr(LoRALinear4bit, "from_linear", classmethod(spy))
+    model = qlora_ext.prepare_model(tiny_llama(), r=4)
+    assert len(refs) == 14 and all(r() is None for r in refs)
+    assert isinstance(model.model.layers[1].mlp.down_proj, LoRALinear4bit)
