@@ -55,7 +55,29 @@ class Holder(nn.Module):
         return self.proj(x)
 
 
+class TorchLoRA(nn.Module):
+    """Where peft is not installed (the offline GPU machine): the computation of PEFT's
+    lora.Linear.forward, base(x) + lora_B(lora_A(dropout(x.to(A's dtype)))) * scaling, with
+    PEFT's initialisation; the table then says "torch LoRA" instead of "PEFT"."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        dev = next(base.parameters()).device
+        self.lora_A = nn.Linear(base.in_features, R, bias=False, device=dev)
+        self.lora_B = nn.Linear(R, base.out_features, bias=False, device=dev)
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(DROPOUT)
+
+    def forward(self, x):
+        y = self.base(x)
+        h = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (h * (ALPHA / R)).to(y.dtype)
+
+
 def peft_wrap(layer):
+    if peft is None:
+        return TorchLoRA(layer).train()
     cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["proj"])
     m = peft.get_peft_model(Holder(layer), cfg)
     m.train()
@@ -124,7 +146,7 @@ def main() -> None:
     if dev == "cpu":
         torch.set_num_threads(args.threads)
     if peft is None:
-        raise SystemExit("bench_lora needs peft (pip install -r requirements-dev.txt)")
+        print("peft is not installed: the baselines are torch LoRA layers with PEFT's maths")
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     full = args.full or dev == "cuda"
     shapes = list(SHAPES) if full else CPU_DEFAULT["shapes"]
@@ -174,9 +196,10 @@ def main() -> None:
                 ]  # fmt: skip
             table.append(line)
             print(" | ".join(str(c) for c in line), flush=True)
+    lib = "PEFT" if peft is not None else "torch LoRA"
     headers = [
-        "layer", "N x K", "M", "PEFT dense ms", "ours ms (vs dense)", "PEFT+bnb ms",
-        "dense saved MB", "ours saved MB", "PEFT+bnb saved MB",
+        "layer", "N x K", "M", f"{lib} dense ms", "ours ms (vs dense)", f"{lib}+bnb ms",
+        "dense saved MB", "ours saved MB", f"{lib}+bnb saved MB",
     ]  # fmt: skip
     if dev == "cuda":
         headers += ["dense peak MB", "ours peak MB", "PEFT+bnb peak MB"]

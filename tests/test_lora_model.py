@@ -116,7 +116,7 @@ def dequantized_base(model):
 
 
 def test_save_adapter_loads_in_peft_with_the_same_logits(tmp_path):
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel
 
     model = prepared()
     randomize_adapters(model)
@@ -135,7 +135,8 @@ def test_save_adapter_loads_in_peft_with_the_same_logits(tmp_path):
 
 
 def test_load_adapter_trained_by_peft(tmp_path):
-    from peft import LoraConfig, get_peft_model
+    peft = pytest.importorskip("peft")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     model = prepared()
     peft_model = get_peft_model(
@@ -166,7 +167,7 @@ def test_load_adapter_refuses_mismatches(tmp_path):
     with pytest.raises(ValueError, match="targets other modules"):
         qlora_ext.load_adapter(prepared(target_modules=["q_proj"]), tmp_path / "ok")
     # Same names and rank, another base shape (hidden 128 instead of 64).
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # present: tiny_llama() ran
 
     wide = LlamaForCausalLM(
         LlamaConfig(
