@@ -271,3 +271,16 @@ def test_prepare_model_frees_each_weight_before_quantizing_the_next(monkeypatch)
     model = qlora_ext.prepare_model(tiny_llama(), r=4)
     assert len(refs) == 14 and all(r() is None for r in refs)
     assert isinstance(model.model.layers[1].mlp.down_proj, LoRALinear4bit)
+
+
+def test_layer_constructor_and_state_dict_round_trip():
+    layer = LoRALinear4bit(128, 32, r=4, alpha=8, dropout=0.0, compute_dtype=None)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    sd = layer.state_dict()
+    assert {"lora_A.weight", "lora_B.weight", "weight", "bias", "weight.absmax"} <= set(sd)
+    other = LoRALinear4bit(128, 32, r=4, alpha=8, dropout=0.0, compute_dtype=None)
+    other.load_state_dict(sd)
+    x = torch.randn(3, 128)
+    assert torch.equal(other(x), layer(x))
+    with pytest.raises(ValueError, match="dropout must be in \\[0, 1\\)"):
+        LoRALinear4bit(128, 32, dropout=1.0)
