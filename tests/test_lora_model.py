@@ -116,7 +116,7 @@ def dequantized_base(model):
 
 
 def test_save_adapter_loads_in_peft_with_the_same_logits(tmp_path):
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel
 
     model = prepared()
     randomize_adapters(model)
@@ -135,7 +135,8 @@ def test_save_adapter_loads_in_peft_with_the_same_logits(tmp_path):
 
 
 def test_load_adapter_trained_by_peft(tmp_path):
-    from peft import LoraConfig, get_peft_model
+    peft = pytest.importorskip("peft")
+    LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     model = prepared()
     peft_model = get_peft_model(
@@ -166,7 +167,7 @@ def test_load_adapter_refuses_mismatches(tmp_path):
     with pytest.raises(ValueError, match="targets other modules"):
         qlora_ext.load_adapter(prepared(target_modules=["q_proj"]), tmp_path / "ok")
     # Same names and rank, another base shape (hidden 128 instead of 64).
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # present: tiny_llama() ran
 
     wide = LlamaForCausalLM(
         LlamaConfig(
@@ -229,3 +230,57 @@ def test_merge_adapter_matches_unmerged_model():
         # 4-bit rounding of the merged weight: only a loose agreement (see the docstring).
         err = (requant(ids).logits.float() - model(ids).logits.float()).abs().mean()
         assert err < 0.2
+
+
+def test_save_adapter_is_atomic(tmp_path, monkeypatch):
+    """A write that dies half-way leaves the previous adapter intact and no stray file."""
+    import safetensors.torch
+
+    model = prepared()
+    qlora_ext.save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    randomize_adapters(model)
+
+    def dying_save(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half a header")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        qlora_ext.save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_prepare_model_frees_each_weight_before_quantizing_the_next(monkeypatch):
+    """Layer by layer: when a layer is quantized, the full-precision weight of every layer
+    quantized before it is already gone, so two full-precision copies never coexist."""
+    import weakref
+
+    refs = []
+    original = LoRALinear4bit.from_linear.__func__
+
+    def spy(cls, linear, *args, **kwargs):
+        alive = [r for r in refs if r() is not None]
+        assert not alive, f"{len(alive)} replaced full-precision weights are still alive"
+        layer = original(cls, linear, *args, **kwargs)
+        refs.append(weakref.ref(linear.weight))
+        return layer
+
+    monkeypatch.setattr(LoRALinear4bit, "from_linear", classmethod(spy))
+    model = qlora_ext.prepare_model(tiny_llama(), r=4)
+    assert len(refs) == 14 and all(r() is None for r in refs)
+    assert isinstance(model.model.layers[1].mlp.down_proj, LoRALinear4bit)
+
+
+def test_layer_constructor_and_state_dict_round_trip():
+    layer = LoRALinear4bit(128, 32, r=4, alpha=8, dropout=0.0, compute_dtype=None)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    sd = layer.state_dict()
+    assert {"lora_A.weight", "lora_B.weight", "weight", "bias", "weight.absmax"} <= set(sd)
+    other = LoRALinear4bit(128, 32, r=4, alpha=8, dropout=0.0, compute_dtype=None)
+    other.load_state_dict(sd)
+    x = torch.randn(3, 128)
+    assert torch.equal(other(x), layer(x))
+    with pytest.raises(ValueError, match="dropout must be in \\[0, 1\\)"):
+        LoRALinear4bit(128, 32, dropout=1.0)

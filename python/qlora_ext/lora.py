@@ -99,6 +99,40 @@ class LoRALinear4bit(Linear4bit):
     The adapters stay in ``adapter_dtype`` (fp32 by default) while x runs in ``compute_dtype``.
     """
 
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(
+            in_features, out_features, bias, compute_dtype, quant_type, blocksize, double_quant,
+            device, dtype,
+        )  # fmt: skip
+        self._init_adapter(r, alpha, dropout, adapter_dtype)
+
+    def _init_adapter(self, r, alpha, dropout, adapter_dtype) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r (the LoRA rank) must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.r, self.lora_alpha, self.lora_dropout = r, float(alpha), float(dropout)
+        dev = self.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=adapter_dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
     @classmethod
     def from_linear(
         cls,
@@ -113,17 +147,11 @@ class LoRALinear4bit(Linear4bit):
         adapter_dtype: torch.dtype = torch.float32,
     ) -> LoRALinear4bit:
         """Quantize ``linear`` to 4 bits and attach a LoRA adapter of rank ``r``."""
-        if not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            # Checked before quantizing: a bad rank should not cost a quantization.
             raise ValueError(f"r (the LoRA rank) must be a positive integer, got {r!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         m = super().from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
-        m.r, m.lora_alpha, m.lora_dropout = r, float(alpha), float(dropout)
-        dev = m.weight.device
-        m.lora_A = nn.Linear(m.in_features, r, bias=False, device=dev, dtype=adapter_dtype)
-        m.lora_B = nn.Linear(r, m.out_features, bias=False, device=dev, dtype=adapter_dtype)
-        nn.init.kaiming_uniform_(m.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(m.lora_B.weight)
+        m._init_adapter(r, alpha, dropout, adapter_dtype)
         return m
 
     @property
