@@ -73,7 +73,9 @@ def copy_bandwidth_gbs(device: str, nbytes: int = 1 << 30) -> float:
 
 
 def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    # Relative to the repository root, whatever the working directory was.
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), RESULTS_MD.parent.parent)
+    return "python " + " ".join([script] + sys.argv[1:])
 
 
 def write_section(name: str, title: str, table: str, device: str, notes: str = "") -> None:

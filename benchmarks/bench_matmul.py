@@ -196,7 +196,9 @@ def main() -> None:
         notes = (
             f"NF4, blocksize 64, double quantization, {str(dtype).replace('torch.', '')} "
             "activations. Ratios are against dense F.linear with the full-precision weight, "
-            f"measured in the same run. Plot: `{Path(args.png).name}`."
+            "measured in the same run. Each method cycles through copies of its weight "
+            f"totalling {ROTATE_BYTES[dev] >> 20} MB, so weights come from memory, not cache "
+            f"(Note [Rotating weights] in bench_matmul.py). Plot: `{Path(args.png).name}`."
         )
         write_section(f"bench_matmul:{dev}", f"4-bit matmul ({dev})", md, dev, notes)
 

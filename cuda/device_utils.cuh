@@ -5,8 +5,27 @@
 #include <cuda_fp16.h>
 
 #include "codes.h"
+#include "quant_launchers.h"
 
 namespace qlora_ext::cuda {
+
+// The one switch from a run-time dtype to the three element types the kernels are compiled
+// for: f receives a value of that type as a tag. Returns the status of what f launched.
+template <typename F>
+cudaError_t dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32:
+      f(float{});
+      break;
+    case DType::F16:
+      f(__half{});
+      break;
+    case DType::BF16:
+      f(__nv_bfloat16{});
+      break;
+  }
+  return cudaGetLastError();
+}
 
 // Copy a kernel's CodeTable parameter into shared memory with compile-time indices only: a
 // run-time index into a by-value kernel parameter makes the compiler copy the whole struct to

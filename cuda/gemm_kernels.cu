@@ -128,21 +128,6 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-template <typename F>
-void with_type(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32:
-      f(float{});
-      break;
-    case DType::F16:
-      f(__half{});
-      break;
-    case DType::BF16:
-      f(__nv_bfloat16{});
-      break;
-  }
-}
-
 }  // namespace
 
 int gemv_4bit_splits(int64_t N, int64_t K, int num_sms) {
@@ -165,7 +150,7 @@ cudaError_t launch_gemv_4bit(const void* A, DType dt, int64_t M, int64_t N, int6
   k_per_split = (k_per_split + kLaneK - 1) / kLaneK * kLaneK;
   const int real_splits = int((K + k_per_split - 1) / k_per_split);
   const dim3 grid(unsigned((N + kWarps * kCols - 1) / (kWarps * kCols)), unsigned(real_splits));
-  with_type(dt, [&](auto tag) {
+  dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     const T* a = static_cast<const T*>(A);
     if (M <= 1) {
@@ -183,9 +168,9 @@ cudaError_t launch_gemv_4bit(const void* A, DType dt, int64_t M, int64_t N, int6
   if (err != cudaSuccess) return err;
   const int64_t MN = M * N;
   const unsigned egrid = unsigned(MN / 256 + 1 < 65536 ? MN / 256 + 1 : 65536);
-  with_type(dt, [&](auto tag) {
+  dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    with_type(bias_dt, [&](auto btag) {
+    dispatch_dtype(bias_dt, [&](auto btag) {
       using B = decltype(btag);
       gemv_epilogue_kernel<T, B><<<egrid, 256, 0, stream>>>(
           ws, real_splits, MN, N, static_cast<const B*>(bias), static_cast<T*>(out));

@@ -178,21 +178,6 @@ __global__ void __launch_bounds__(kThreadsTc)
   }
 }
 
-template <typename F>
-void with_bias_type(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32:
-      f(float{});
-      break;
-    case DType::F16:
-      f(__half{});
-      break;
-    case DType::BF16:
-      f(__nv_bfloat16{});
-      break;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_gemm_4bit_tc(const void* A, DType dt, int64_t M, int64_t N, int64_t K,
@@ -205,7 +190,7 @@ cudaError_t launch_gemm_4bit_tc(const void* A, DType dt, int64_t M, int64_t N, i
   const dim3 grid(unsigned((N + kBN - 1) / kBN), unsigned((M + kBM - 1) / kBM));
   auto launch = [&](auto ttag) {
     using T = decltype(ttag);
-    with_bias_type(bias_dt, [&](auto btag) {
+    dispatch_dtype(bias_dt, [&](auto btag) {
       using Bt = decltype(btag);
       gemm_4bit_tc_kernel<T, Bt><<<grid, kThreadsTc, 0, stream>>>(
           static_cast<const T*>(A), M, N, K, packed, absmax, nested, int(blocksize), c,

@@ -107,28 +107,12 @@ int grid_for(int64_t n) {
   return int(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);  // grid-stride beyond
 }
 
-template <typename F>
-cudaError_t dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32:
-      f(float{});
-      break;
-    case DType::F16:
-      f(__half{});
-      break;
-    case DType::BF16:
-      f(__nv_bfloat16{});
-      break;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_count_nonfinite(const void* g, DType dt, int64_t n, unsigned long long* count,
                                    cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return dispatch(dt, [&](auto tag) {
+  return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     count_nonfinite_kernel<T>
         <<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(g), n, count);
@@ -139,7 +123,7 @@ cudaError_t launch_adamw_32bit(void* p, const void* g, DType dt, float* m, float
                                const AdamWScalars& s, const unsigned long long* skip,
                                cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return dispatch(dt, [&](auto tag) {
+  return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     adamw_32bit_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(
         static_cast<T*>(p), static_cast<const T*>(g), m, v, n, s, skip);
@@ -153,7 +137,7 @@ cudaError_t launch_adamw_8bit(void* p, const void* g, DType dt, uint8_t* qm, flo
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kOptimBlock - 1) / kOptimBlock;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  return dispatch(dt, [&](auto tag) {
+  return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     adamw_8bit_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(
         static_cast<T*>(p), static_cast<const T*>(g), qm, am, qv, av, cs, cu, n, s, skip);

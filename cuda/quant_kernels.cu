@@ -228,23 +228,6 @@ __global__ void __launch_bounds__(kThreads)
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// One explicit switch from the runtime dtype to the three element types we compile.
-template <typename F>
-cudaError_t with_type(DType dt, F&& f) {
-  switch (dt) {
-    case DType::F32:
-      f(float{});
-      break;
-    case DType::F16:
-      f(__half{});
-      break;
-    case DType::BF16:
-      f(__nv_bfloat16{});
-      break;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t launch_quantize_4bit(const void* x, DType dt, int64_t n, int64_t blocksize,
@@ -257,7 +240,7 @@ cudaError_t launch_quantize_4bit(const void* x, DType dt, int64_t n, int64_t blo
       blocksize / kElemsPerThread > kThreads ? int(blocksize / kElemsPerThread) : kThreads;
   const int64_t groups = (n + kElemsPerThread - 1) / kElemsPerThread;
   const unsigned grid = unsigned((groups + threads - 1) / threads);
-  return with_type(dt, [&](auto tag) {
+  return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     quantize_4bit_kernel<T><<<grid, threads, 0, stream>>>(
         static_cast<const T*>(x), n, int(blocksize), c, b, aligned16(x), packed, absmax);
@@ -275,7 +258,7 @@ cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax,
   const unsigned grid = unsigned((groups + kThreads - 1) / kThreads);
   // out is a fresh allocation or panel (16-byte aligned); packed may sit at any byte offset.
   const bool vec_in = (reinterpret_cast<uintptr_t>(packed) & 15) == 0;
-  return with_type(dt, [&](auto tag) {
+  return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     dequantize_4bit_kernel<T><<<grid, kThreads, 0, stream>>>(
         packed, absmax, nested, slice, int(blocksize), c, vec_in, static_cast<T*>(out));
@@ -287,7 +270,7 @@ cudaError_t launch_quantize_blockwise_8bit(const void* x, DType dt, int64_t n, i
                                            cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  return with_type(dt, [&](auto tag) {
+  return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     quantize_8bit_kernel<T><<<unsigned(nblocks), kThreads, 0, stream>>>(static_cast<const T*>(x), n,
                                                                         blocksize, code, q, absmax);
@@ -300,7 +283,7 @@ cudaError_t launch_dequantize_blockwise_8bit(const uint8_t* q, const float* absm
   if (n == 0) return cudaSuccess;
   const int64_t want = (n + kThreads - 1) / kThreads;
   const unsigned grid = unsigned(want < 65536 ? want : 65536);  // grid-stride beyond that
-  return with_type(dt, [&](auto tag) {
+  return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
     dequantize_8bit_kernel<T>
         <<<grid, kThreads, 0, stream>>>(q, absmax, code, n, blocksize, static_cast<T*>(out));
