@@ -364,6 +364,9 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
             f"{len(eval_items)} held-out eval (disjoint)"
         )
     train_tok = [D.tokenize(tok, it, cfg.seq_len) for it in train_items]
+    if cfg.packing:  # rows of exactly seq_len tokens, examples back to back
+        train_tok = D.pack_rows(train_tok, cfg.seq_len)
+        log(f"packing: {len(train_tok)} rows of {cfg.seq_len} tokens")
     eval_tok = [D.tokenize(tok, it, cfg.seq_len) for it in eval_items]
     eval_examples = [e for e in eval_items if isinstance(e, D.Example)]
 
