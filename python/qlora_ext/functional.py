@@ -59,23 +59,30 @@ def get_4bit_code(quant_type: str, device: torch.device | str = "cpu") -> torch.
     return _code_4bit_cpu(quant_type).to(device, copy=True)
 
 
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``: 256 sorted
+    fp32 values; for each decade 1e-6 .. 1, the midpoints of an even grid on [0.1, 1], twice as
+    fine when unsigned (no sign bit to spend), plus 0 and 1. A fresh tensor on each call."""
+    return _dynamic_map_cpu(signed).clone()
+
+
 @functools.cache
-def _dynamic_code_cpu() -> torch.Tensor:
-    # bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for each
-    # exponent 10^-6 .. 10^0, the midpoints of an evenly spaced fraction grid on [0.1, 1].
+def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
     data: list[float] = []
     for i in range(7):
-        b = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        items = 2**i + 1 if signed else 2 ** (i + 1) + 1
+        b = torch.linspace(0.1, 1, items, dtype=torch.float32)
         means = (b[:-1] + b[1:]) / 2.0
         data += ((10 ** (-6 + i)) * means).tolist()
-        data += (-(10 ** (-6 + i)) * means).tolist()
+        if signed:
+            data += (-(10 ** (-6 + i)) * means).tolist()
     data += [0.0, 1.0]
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
 def dynamic_code_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (256 sorted values in [-1, 1]), a fresh tensor."""
-    return _dynamic_code_cpu().to(device, copy=True)
+    return _dynamic_map_cpu(True).to(device, copy=True)
 
 
 def _check_tensor(w, name: str) -> None:

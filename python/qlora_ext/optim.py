@@ -27,6 +27,7 @@ import math
 import torch
 
 from . import _C
+from .functional import dynamic_map
 
 __all__ = ["PagedAdamW", "PagedAdamW8bit", "dynamic_map"]
 
@@ -44,22 +45,6 @@ _TORCH_OFF = {
     "fused": None,
 }
 _GROUP_KEYS = {"params", "lr", "betas", "eps", "weight_decay", "amsgrad"}
-
-
-def dynamic_map(signed: bool = True) -> torch.Tensor:
-    """bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``: 256 sorted
-    fp32 values; for each decade 1e-6 .. 1, the midpoints of an even grid on [0.1, 1], twice as
-    fine when unsigned (no sign bit to spend), plus 0 and 1."""
-    data: list[float] = []
-    for i in range(7):
-        items = 2**i + 1 if signed else 2 ** (i + 1) + 1
-        b = torch.linspace(0.1, 1, items, dtype=torch.float32)
-        means = (b[:-1] + b[1:]) / 2.0
-        data += ((10 ** (-6 + i)) * means).tolist()
-        if signed:
-            data += (-(10 ** (-6 + i)) * means).tolist()
-    data += [0.0, 1.0]
-    return torch.tensor(sorted(data), dtype=torch.float32)
 
 
 def _cpu_copy(v):
