@@ -10,7 +10,7 @@
 
 namespace qlora_ext::cpu {
 
-// at::empty on the CPU, backed by huge pages when the tensor is at least 2 MB.
+// at::empty on the CPU, backed by huge pages when the tensor is at least 32 MB.
 at::Tensor empty_large(at::IntArrayRef sizes, at::ScalarType dtype);
 
 }  // namespace qlora_ext::cpu
