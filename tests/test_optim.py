@@ -74,8 +74,8 @@ def test_adamw_32bit_matches_reference(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_adamw_32bit_isa_paths_agree_bitwise(cpu_isa, dtype):
-    n = 1000 + 13  # vector body and scalar tail
+@pytest.mark.parametrize("n", [1000 + 13, 3 * 32768 + 77])  # one thread; two threads + tails
+def test_adamw_32bit_isa_paths_agree_bitwise(cpu_isa, dtype, n):
     p = torch.randn(n).to(dtype)
     m, v = torch.randn(n) * 1e-2, torch.rand(n) * 1e-4
     g = torch.randn(n).to(dtype)
@@ -96,15 +96,16 @@ def test_adamw_32bit_isa_paths_agree_bitwise(cpu_isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_adamw_8bit_isa_paths_agree_bitwise(cpu_isa, dtype):
-    n = 256 * 9 + 100  # full blocks (vector path) and a partial one (scalar)
+@pytest.mark.parametrize("blocks", [9, 400])  # one thread; two threads (whole blocks each)
+def test_adamw_8bit_isa_paths_agree_bitwise(cpu_isa, dtype, blocks):
+    n = 256 * blocks + 100  # full blocks (vector path) and a partial one (scalar)
     p = torch.randn(n).to(dtype)
     cs, cu = dynamic_map(True), dynamic_map(False)
     st = [
         torch.randint(0, 256, (n,), dtype=torch.uint8),
-        torch.rand(10) * 1e-2,
+        torch.rand(blocks + 1) * 1e-2,
         torch.randint(0, 256, (n,), dtype=torch.uint8),
-        torch.rand(10) * 1e-4,
+        torch.rand(blocks + 1) * 1e-4,
     ]
     st[1][3] = 0.0  # an all-zero block
     g = torch.randn(n).to(dtype) * 1e-2
@@ -384,6 +385,34 @@ def test_op_returns_nonfinite_count_and_writes_nothing():
     cs, cu = dynamic_map(True), dynamic_map(False)
     assert int(ops.adamw_step_8bit_blockwise(p, g, *st, cs, cu, 1, *HP.values())) == 2
     assert torch.equal(p, saved[0]) and all(int(t.count_nonzero()) == 0 for t in st)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["first", "mid-stream", "second-thread", "tail"])
+def test_nonfinite_found_anywhere_on_every_isa(cpu_isa, dtype, where):
+    # Two threads' slices, the four-stream scan and its scalar tail: a single bad value in any of
+    # them skips the whole tensor. Finite extremes (the dtype's max, subnormals) never count.
+    n = 3 * 32768 + 77
+    info = torch.finfo(dtype)
+    g = torch.randn(n).to(dtype)
+    g[[10, 20, 30]] = torch.tensor([info.max, -info.max, info.smallest_normal / 4]).to(dtype)
+    p, m, v = torch.randn(n).to(dtype), torch.randn(n), torch.rand(n)
+    saved = [t.clone() for t in (p, m, v)]
+    assert int(ops.adamw_step_32bit(p, g, m, v, 3, *HP.values())) == 0
+    assert not torch.equal(p, saved[0])
+    pos = {"first": 0, "mid-stream": 1234, "second-thread": n // 2 + 999, "tail": n - 1}[where]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        gb = g.clone()
+        gb[pos] = bad
+        p, m, v = (t.clone() for t in saved)
+        assert int(ops.adamw_step_32bit(p, gb, m, v, 3, *HP.values())) == 1
+        assert all(torch.equal(a, b) for a, b in zip((p, m, v), saved, strict=True))
+        st = _states_8bit(n, "cpu")
+        st0 = [t.clone() for t in st]
+        cs, cu = dynamic_map(True), dynamic_map(False)
+        assert int(ops.adamw_step_8bit_blockwise(p, gb, *st, cs, cu, 1, *HP.values())) == 1
+        assert torch.equal(p, saved[0])
+        assert all(torch.equal(a, b) for a, b in zip(st, st0, strict=True))
 
 
 def test_bad_options_raise():

@@ -3,13 +3,19 @@
 //
 // Both ops first count the non-finite gradient elements; if there is any, the whole tensor is
 // skipped (param and states untouched) and the count is returned, so a NaN/Inf never reaches
-// the state. Work is split with at::parallel_for: by elements for the 32-bit op, by 256-element
-// quantization blocks for the 8-bit op (a block's absmax needs all of its elements).
+// the state. Check and update share one OpenMP region (check_then_update): each thread owns a
+// slice, in whole 256-element quantization blocks for the 8-bit op (a block's absmax needs all
+// of its elements). The build requires OpenMP, as torch's own CPU kernels do.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <omp.h>
+
 #include <array>
+#include <atomic>
+#include <cstring>
+#include <type_traits>
 
 #include "../optim_checks.h"
 #include "../optim_math.h"
@@ -22,15 +28,88 @@ namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per task: amortises the task overhead
 
+// A value is non-finite exactly when its exponent bits are all ones; testing the bits keeps the
+// scan a few integer ops per element, so it runs at memory speed (the gradient then sits in the
+// L3 for the update that follows). A scalar float test here cost 40% of the 32-bit step.
+inline uint32_t exponent_mask(float) { return 0x7F800000u; }
+inline uint32_t exponent_mask(c10::Half) { return 0x7C00u; }
+inline uint32_t exponent_mask(c10::BFloat16) { return 0x7F80u; }
+
 template <typename T>
-int64_t count_nonfinite(const T* g, int64_t n) {
-  return at::parallel_reduce(
-      0, n, kGrain, int64_t(0),
-      [&](int64_t lo, int64_t hi, int64_t acc) {
-        for (int64_t i = lo; i < hi; ++i) acc += is_finite(to_f32(g[i])) ? 0 : 1;
-        return acc;
-      },
-      [](int64_t a, int64_t b) { return a + b; });
+int64_t count_nonfinite_scalar(const T* g, int64_t lo, int64_t hi) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+  const Bits e = Bits(exponent_mask(T{}));
+  int64_t bad = 0;
+  for (int64_t i = lo; i < hi; ++i) {
+    Bits b;
+    std::memcpy(&b, g + i, sizeof(b));
+    bad += (b & e) == e;
+  }
+  return bad;
+}
+
+#if QX_X86
+// Whether [lo, hi) holds a non-finite value: an unsigned max of (bits & exponent) over four
+// interleaved streams (more loads in flight), two instructions per 64 bytes; the exact count
+// is only taken, by the scalar loop, when the answer is yes.
+template <typename T>
+QX_TARGET_AVX512 bool any_nonfinite_avx512(const T* g, int64_t lo, int64_t hi) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  constexpr bool k32 = sizeof(T) == 4;
+  const __m512i e = k32 ? _mm512_set1_epi32(int(exponent_mask(T{})))
+                        : _mm512_set1_epi16(short(exponent_mask(T{})));
+  __m512i acc[4];
+  for (auto& a : acc) a = _mm512_setzero_si512();
+  const int64_t q = (hi - lo) / (4 * kLanes) * kLanes;  // four streams of q elements
+  for (int64_t j = 0; j < q; j += kLanes) {
+    for (int s = 0; s < 4; ++s) {
+      const __m512i t = _mm512_and_si512(_mm512_loadu_si512(g + lo + s * q + j), e);
+      acc[s] = k32 ? _mm512_max_epu32(acc[s], t) : _mm512_max_epu16(acc[s], t);
+    }
+  }
+  __m512i m =
+      k32 ? _mm512_max_epu32(_mm512_max_epu32(acc[0], acc[1]), _mm512_max_epu32(acc[2], acc[3]))
+          : _mm512_max_epu16(_mm512_max_epu16(acc[0], acc[1]), _mm512_max_epu16(acc[2], acc[3]));
+  const bool hit = k32 ? _mm512_cmpeq_epi32_mask(m, e) != 0 : _mm512_cmpeq_epi16_mask(m, e) != 0;
+  return hit || count_nonfinite_scalar(g, lo + 4 * q, hi) > 0;
+}
+#endif
+
+template <typename T>
+int64_t count_nonfinite(const T* g, int64_t lo, int64_t hi, Isa isa) {
+#if QX_X86
+  if (isa == Isa::Avx512 && !any_nonfinite_avx512(g, lo, hi)) return 0;
+#endif
+  (void)isa;
+  return count_nonfinite_scalar(g, lo, hi);
+}
+
+// Counts the non-finite gradient elements of [0, n) and, only if there are none, runs
+// update(lo, hi) over the same range: the op's whole contract in one parallel region. Each
+// thread checks its own slice, waits at one barrier for the total, then updates that same
+// slice, which (up to ~1 MB, every LoRA adapter) is still in its L2. Two at::parallel_for
+// passes cost a second fork-join per tensor and a second trip to memory for the gradient:
+// 15% of the step on the 448 adapter tensors of a LLaMA-7B r=16 model. `align` keeps the
+// slices whole blocks of the 8-bit state.
+template <typename Check, typename Update>
+int64_t check_then_update(int64_t n, int64_t align, const Check& check, const Update& update) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), ceil_div(n, kGrain));
+  if (threads <= 1 || at::in_parallel_region()) {
+    const int64_t bad = check(0, n);
+    if (bad == 0) update(0, n);
+    return bad;
+  }
+  std::atomic<int64_t> bad{0};
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t per = ceil_div(ceil_div(n, nt), align) * align;
+    const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
+    if (hi > lo) bad.fetch_add(check(lo, hi), std::memory_order_relaxed);
+#pragma omp barrier
+    if (hi > lo && bad.load(std::memory_order_relaxed) == 0) update(lo, hi);
+  }
+  return bad.load();
 }
 
 template <typename T>
@@ -46,26 +125,52 @@ void adamw_32bit_scalar(T* p, const T* g, float* m, float* v, int64_t lo, int64_
 #if QX_X86
 // adamw_element on 16 / 8 lanes: the same operations in the same order, each correctly rounded
 // (FMA where adamw_element has fma_rn), so every ISA gives the scalar loop's bits.
+struct AdamW16 {  // the scalars broadcast to 16 lanes
+  bool small;
+  __m512 decay, beta2, w, omb2, bc2, nss, eps;
+};
+
+QX_TARGET_AVX512 inline AdamW16 adamw16(const AdamWScalars& s) {
+  const bool small = (s.weight < 0.0f ? -s.weight : s.weight) < 0.5f;
+  return {small,
+          _mm512_set1_ps(s.decay),
+          _mm512_set1_ps(s.beta2),
+          _mm512_set1_ps(small ? s.weight : s.weight - 1.0f),
+          _mm512_set1_ps(s.one_minus_beta2),
+          _mm512_set1_ps(s.bc2_sqrt),
+          _mm512_set1_ps(s.neg_step_size),
+          _mm512_set1_ps(s.eps)};
+}
+
+template <typename T>
+QX_TARGET_AVX512 inline void adamw_16(T* p, const T* g, float* m, float* v, const AdamW16& c) {
+  const __m512 G = load16(g);
+  __m512 M = _mm512_loadu_ps(m), V = _mm512_loadu_ps(v);
+  const __m512 P = _mm512_mul_ps(load16(p), c.decay);
+  M = _mm512_fmadd_ps(c.w, _mm512_sub_ps(G, M), c.small ? M : G);
+  V = _mm512_fmadd_ps(_mm512_mul_ps(c.omb2, G), G, _mm512_mul_ps(V, c.beta2));
+  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(V), c.bc2), c.eps);
+  store16(p, _mm512_add_ps(P, _mm512_div_ps(_mm512_mul_ps(c.nss, M), denom)));
+  _mm512_storeu_ps(m, M);
+  _mm512_storeu_ps(v, V);
+}
+
+// adamw_element on 16 lanes: the same operations in the same order, each correctly rounded
+// (FMA where adamw_element has fma_rn), so every ISA gives the scalar loop's bits. The range
+// is walked as two halves in lockstep: twice the memory streams in flight, measured 6% faster
+// than one pass on 2 cores (the step is bound by memory latency, not by its two divisions).
 template <typename T>
 QX_TARGET_AVX512 void adamw_32bit_avx512(T* p, const T* g, float* m, float* v, int64_t lo,
                                          int64_t hi, const AdamWScalars& s) {
-  const bool small = (s.weight < 0.0f ? -s.weight : s.weight) < 0.5f;
-  const __m512 decay = _mm512_set1_ps(s.decay), beta2 = _mm512_set1_ps(s.beta2);
-  const __m512 w = _mm512_set1_ps(small ? s.weight : s.weight - 1.0f);
-  const __m512 omb2 = _mm512_set1_ps(s.one_minus_beta2), bc2 = _mm512_set1_ps(s.bc2_sqrt);
-  const __m512 nss = _mm512_set1_ps(s.neg_step_size), eps = _mm512_set1_ps(s.eps);
-  int64_t i = lo;
-  for (; i + 16 <= hi; i += 16) {
-    const __m512 G = load16(g + i);
-    __m512 M = _mm512_loadu_ps(m + i), V = _mm512_loadu_ps(v + i);
-    const __m512 P = _mm512_mul_ps(load16(p + i), decay);
-    M = _mm512_fmadd_ps(w, _mm512_sub_ps(G, M), small ? M : G);
-    V = _mm512_fmadd_ps(_mm512_mul_ps(omb2, G), G, _mm512_mul_ps(V, beta2));
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(V), bc2), eps);
-    store16(p + i, _mm512_add_ps(P, _mm512_div_ps(_mm512_mul_ps(nss, M), denom)));
-    _mm512_storeu_ps(m + i, M);
-    _mm512_storeu_ps(v + i, V);
+  const AdamW16 c = adamw16(s);
+  const int64_t half = (hi - lo) / 32 * 16;
+  for (int64_t i = lo; i < lo + half; i += 16) {
+    adamw_16(p + i, g + i, m + i, v + i, c);
+    const int64_t j = i + half;
+    adamw_16(p + j, g + j, m + j, v + j, c);
   }
+  int64_t i = lo + 2 * half;
+  for (; i + 16 <= hi; i += 16) adamw_16(p + i, g + i, m + i, v + i, c);
   adamw_32bit_scalar(p, g, m, v, i, hi, s);
 }
 
@@ -94,15 +199,13 @@ QX_TARGET_AVX2 void adamw_32bit_avx2(T* p, const T* g, float* m, float* v, int64
 #endif
 
 template <typename T>
-void adamw_32bit_impl(T* p, const T* g, float* m, float* v, int64_t n, const AdamWScalars& s) {
-  const Isa isa = current_isa();
-  at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+void adamw_32bit_range(T* p, const T* g, float* m, float* v, int64_t lo, int64_t hi,
+                       const AdamWScalars& s, Isa isa) {
 #if QX_X86
-    if (isa == Isa::Avx512) return adamw_32bit_avx512(p, g, m, v, lo, hi, s);
-    if (isa == Isa::Avx2) return adamw_32bit_avx2(p, g, m, v, lo, hi, s);
+  if (isa == Isa::Avx512) return adamw_32bit_avx512(p, g, m, v, lo, hi, s);
+  if (isa == Isa::Avx2) return adamw_32bit_avx2(p, g, m, v, lo, hi, s);
 #endif
-    adamw_32bit_scalar(p, g, m, v, lo, hi, s);
-  });
+  adamw_32bit_scalar(p, g, m, v, lo, hi, s);
 }
 
 std::array<float, kNumMidpoints> midpoints(const float* code) {
@@ -227,29 +330,41 @@ QX_TARGET_AVX512 void adamw_8bit_block_avx512(T* p, const T* g, uint8_t* qm, flo
 }
 #endif
 
+// The 8-bit tables, built once per call.
+struct Tables8 {
+  std::array<float, kNumMidpoints> mid_s, mid_u;
+  Maps8 maps;
+#if QX_X86
+  Mid16 ts, tu;
+#endif
+  Tables8(const float* cs, const float* cu)
+      : mid_s(midpoints(cs)),
+        mid_u(midpoints(cu)),
+        maps{cs, cu, mid_s.data(), mid_u.data()}
+#if QX_X86
+        ,
+        ts(mid16(mid_s.data())),
+        tu(mid16(mid_u.data()))
+#endif
+  {
+  }
+};
+
+// Elements [lo, hi), lo a multiple of kOptimBlock.
 template <typename T>
-void adamw_8bit_impl(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, float* av,
-                     const float* cs, const float* cu, int64_t n, const AdamWScalars& s) {
-  const int64_t nblocks = ceil_div(n, kOptimBlock);
-  const auto mid_s = midpoints(cs), mid_u = midpoints(cu);
-  const Maps8 maps{cs, cu, mid_s.data(), mid_u.data()};
-  const Isa isa = current_isa();
+void adamw_8bit_range(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, float* av, int64_t lo,
+                      int64_t hi, const Tables8& t, const AdamWScalars& s, Isa isa) {
+  for (int64_t i = lo; i < hi; i += kOptimBlock) {
+    const int64_t blk = i / kOptimBlock, len = std::min<int64_t>(kOptimBlock, hi - i);
 #if QX_X86
-  const Mid16 ts = mid16(mid_s.data()), tu = mid16(mid_u.data());
-#endif
-  at::parallel_for(0, nblocks, kGrain / kOptimBlock, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t i = blk * kOptimBlock;
-      const int64_t len = std::min<int64_t>(kOptimBlock, n - i);
-#if QX_X86
-      if (len == kOptimBlock && isa == Isa::Avx512) {
-        adamw_8bit_block_avx512(p + i, g + i, qm + i, am[blk], qv + i, av[blk], maps, ts, tu, s);
-        continue;
-      }
-#endif
-      adamw_8bit_block_scalar(p + i, g + i, qm + i, am[blk], qv + i, av[blk], len, maps, s);
+    if (len == kOptimBlock && isa == Isa::Avx512) {
+      adamw_8bit_block_avx512(p + i, g + i, qm + i, am[blk], qv + i, av[blk], t.maps, t.ts, t.tu,
+                              s);
+      continue;
     }
-  });
+#endif
+    adamw_8bit_block_scalar(p + i, g + i, qm + i, am[blk], qv + i, av[blk], len, t.maps, s);
+  }
 }
 
 at::Tensor adamw_step_32bit_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
@@ -263,11 +378,14 @@ at::Tensor adamw_step_32bit_cpu(at::Tensor& param, const at::Tensor& grad, at::T
   int64_t bad = 0;
   dispatch_float(param.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    bad = count_nonfinite(g.const_data_ptr<T>(), n);
-    if (bad) return;
-    adamw_32bit_impl(param.data_ptr<T>(), g.const_data_ptr<T>(), exp_avg.data_ptr<float>(),
-                     exp_avg_sq.data_ptr<float>(), n,
-                     adamw_scalars(step, lr, beta1, beta2, eps, weight_decay));
+    const T* gp = g.const_data_ptr<T>();
+    T* pp = param.data_ptr<T>();
+    float *m = exp_avg.data_ptr<float>(), *v = exp_avg_sq.data_ptr<float>();
+    const AdamWScalars s = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay);
+    const Isa isa = current_isa();
+    bad = check_then_update(
+        n, 1, [&](int64_t lo, int64_t hi) { return count_nonfinite(gp, lo, hi, isa); },
+        [&](int64_t lo, int64_t hi) { adamw_32bit_range(pp, gp, m, v, lo, hi, s, isa); });
   });
   return at::scalar_tensor(bad, param.options().dtype(at::kLong));
 }
@@ -287,13 +405,18 @@ at::Tensor adamw_step_8bit_blockwise_cpu(at::Tensor& param, const at::Tensor& gr
   int64_t bad = 0;
   dispatch_float(param.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    bad = count_nonfinite(g.const_data_ptr<T>(), n);
-    if (bad) return;
-    adamw_8bit_impl(param.data_ptr<T>(), g.const_data_ptr<T>(), exp_avg_q.data_ptr<uint8_t>(),
-                    exp_avg_absmax.data_ptr<float>(), exp_avg_sq_q.data_ptr<uint8_t>(),
-                    exp_avg_sq_absmax.data_ptr<float>(), code_signed.const_data_ptr<float>(),
-                    code_unsigned.const_data_ptr<float>(), n,
-                    adamw_scalars(step, lr, beta1, beta2, eps, weight_decay));
+    const T* gp = g.const_data_ptr<T>();
+    T* pp = param.data_ptr<T>();
+    uint8_t *qm = exp_avg_q.data_ptr<uint8_t>(), *qv = exp_avg_sq_q.data_ptr<uint8_t>();
+    float *am = exp_avg_absmax.data_ptr<float>(), *av = exp_avg_sq_absmax.data_ptr<float>();
+    const Tables8 t(code_signed.const_data_ptr<float>(), code_unsigned.const_data_ptr<float>());
+    const AdamWScalars s = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay);
+    const Isa isa = current_isa();
+    bad = check_then_update(
+        n, kOptimBlock, [&](int64_t lo, int64_t hi) { return count_nonfinite(gp, lo, hi, isa); },
+        [&](int64_t lo, int64_t hi) {
+          adamw_8bit_range(pp, gp, qm, am, qv, av, lo, hi, t, s, isa);
+        });
   });
   return at::scalar_tensor(bad, param.options().dtype(at::kLong));
 }
