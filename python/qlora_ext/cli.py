@@ -80,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--grad-accum", type=int, default=d.grad_accum)
     t.add_argument("--seq-len", type=int, default=d.seq_len)
-    t.add_argument("--packing", action="store_true", help="pack sequences (default: pad)")
+    t.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack examples into rows of --seq-len tokens, each example attending only to itself "
+        "(default: pad each batch)",
+    )
     t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument(

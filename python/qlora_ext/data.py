@@ -302,6 +302,8 @@ def split_train_eval(
 class Tokenized:
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken (the prompt)
+    # Set on packed rows only (restarting at 0 at each example); None means 0, 1, 2, ...
+    position_ids: list[int] | None = None
 
 
 def tokenize(tokenizer, item: Example | list[dict], max_len: int) -> Tokenized:
@@ -323,6 +325,58 @@ def tokenize(tokenizer, item: Example | list[dict], max_len: int) -> Tokenized:
     return Tokenized(ids, labels)
 
 
+def _append_segment(row: Tokenized, ids: list[int], labels: list[int]) -> None:
+    row.input_ids += ids
+    # The first token's label would be predicted from the previous segment's last token.
+    row.labels += [-100] + labels[1:]
+    row.position_ids += list(range(len(ids)))
+
+
+def pack_rows(items: Iterable[Tokenized], seq_len: int, pad_id: int) -> list[Tokenized]:
+    """Examples back to back in rows of exactly seq_len tokens, each row with position_ids
+    that restart at 0 where an example starts, and label -100 on every example's first token.
+
+    The position restarts are what transformers (given position_ids and attention_mask=None)
+    reads to build a block-diagonal causal mask, so no example attends to another; see
+    packed_batch. An example that does not fit at the end of a row is split, and its
+    remainder opens the next row with positions from 0 again: it is trained as a sequence of
+    its own, without the context of its first part. This is the simplest choice that keeps the
+    rows full and every token used once; continuing the positions instead would be wrong, since
+    the context they imply is not in the row. The last row is filled with pad tokens, which
+    form a segment of their own (so nothing attends to them) and take no loss. Rows left with
+    no loss token at all are dropped.
+    """
+    rows: list[Tokenized] = []
+    row = Tokenized([], [], [])
+    for it in items:
+        start = 0
+        while start < len(it.input_ids):
+            end = min(len(it.input_ids), start + seq_len - len(row.input_ids))
+            _append_segment(row, it.input_ids[start:end], it.labels[start:end])
+            start = end
+            if len(row.input_ids) == seq_len:
+                rows.append(row)
+                row = Tokenized([], [], [])
+    if row.input_ids:
+        fill = seq_len - len(row.input_ids)
+        _append_segment(row, [pad_id] * fill, [-100] * fill)
+        rows.append(row)
+    # A row without a loss token teaches nothing, and a micro-batch of only such rows would make
+    # the mean loss 0/0 (NaN gradients).
+    return [r for r in rows if any(lab != -100 for lab in r.labels)]
+
+
+def packed_batch(rows: list[Tokenized]) -> tuple[list, list, list]:
+    """(input_ids, labels, position_ids) of rows from pack_rows. There is no attention mask on
+    purpose: the model must get attention_mask=None (and no KV cache), or transformers ignores
+    the position restarts and lets examples attend to each other."""
+    return (
+        [r.input_ids for r in rows],
+        [r.labels for r in rows],
+        [r.position_ids for r in rows],
+    )
+
+
 def batches(
     items: Iterable[Tokenized],
     batch_size: int,
@@ -330,21 +384,16 @@ def batches(
     pack: bool = False,
     seq_len: int | None = None,
 ):
-    """Yield (input_ids, labels, attention_mask) lists of lists. Padding pads each batch to its
-    longest sequence; packing concatenates examples into rows of exactly seq_len tokens."""
+    """Padding yields (input_ids, labels, attention_mask) lists of lists, each batch padded to
+    its longest sequence. Packing yields (input_ids, labels, position_ids) of pack_rows rows of
+    exactly seq_len tokens (see packed_batch for how the model must take them)."""
     items = list(items)
     if pack:
         if not seq_len:
             raise ValueError("packing needs seq_len")
-        ids = [t for it in items for t in it.input_ids]
-        lab = [t for it in items for t in it.labels]
-        rows = [
-            (ids[i : i + seq_len], lab[i : i + seq_len])
-            for i in range(0, len(ids) - seq_len + 1, seq_len)
-        ]
+        rows = pack_rows(items, seq_len, pad_id)
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            yield [r[0] for r in chunk], [r[1] for r in chunk], [[1] * seq_len for _ in chunk]
+            yield packed_batch(rows[i : i + batch_size])
         return
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]

@@ -114,12 +114,27 @@ def _lr_lambda(total: int, warmup: int):
 
 
 def _to_tensors(batch, device):
-    ids, labels, mask = batch
-    return (
-        torch.tensor(ids, device=device),
-        torch.tensor(labels, device=device),
-        torch.tensor(mask, device=device),
-    )
+    return tuple(torch.tensor(x, device=device) for x in batch)
+
+
+def _train_inputs(rows: list[D.Tokenized], packed: bool, pad_id: int, device: str) -> dict:
+    """The model's keyword arguments for one micro-batch of training rows.
+
+    Packed rows go in with position_ids, attention_mask=None and use_cache=False: only then does
+    transformers (masking_utils.find_packed_sequence_indices) turn the position restarts into a
+    block-diagonal causal mask. Given a mask or a KV cache it assumes one sequence per row, and
+    the examples in a row would attend to each other."""
+    if packed:
+        ids, labels, pos = _to_tensors(D.packed_batch(rows), device)
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": pos,
+            "attention_mask": None,
+            "use_cache": False,
+        }
+    ids, labels, mask = _to_tensors(next(D.batches(rows, len(rows), pad_id)), device)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -364,9 +379,14 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
             f"{len(eval_items)} held-out eval (disjoint)"
         )
     train_tok = [D.tokenize(tok, it, cfg.seq_len) for it in train_items]
-    if cfg.packing:  # rows of exactly seq_len tokens, examples back to back
-        train_tok = D.pack_rows(train_tok, cfg.seq_len)
+    if cfg.packing:  # examples back to back, each attending only to itself
+        train_tok = D.pack_rows(train_tok, cfg.seq_len, tok.pad_token_id)
         log(f"packing: {len(train_tok)} rows of {cfg.seq_len} tokens")
+    if len(train_tok) < cfg.batch_size:  # _batch_plan could never fill a batch
+        raise ValueError(
+            f"{len(train_tok)} training rows is fewer than --batch-size {cfg.batch_size}"
+            + ("; lower --seq-len or --batch-size" if cfg.packing else "")
+        )
     eval_tok = [D.tokenize(tok, it, cfg.seq_len) for it in eval_items]
     eval_examples = [e for e in eval_items if isinstance(e, D.Example)]
 
@@ -420,14 +440,13 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
         loss_sum = 0.0
         for a in range(cfg.grad_accum):
             idx = plan[step * cfg.grad_accum + a]
-            batch = next(
-                D.batches([train_tok[i] for i in idx], micro, tok.pad_token_id, pack=False)
-            )
-            ids, labels, mask = _to_tensors(batch, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            rows = [train_tok[i] for i in idx]
+            inputs = _train_inputs(rows, cfg.packing, tok.pad_token_id, device)
+            loss = model(**inputs).loss
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
-            tokens_seen += int(mask.sum())
+            mask = inputs["attention_mask"]
+            tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
