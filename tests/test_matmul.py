@@ -11,8 +11,9 @@ from conftest import DEVICES, HAS_CUDA_KERNELS
 
 ops = torch.ops.qlora_ext
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# M on both sides of the small-M threshold (16), odd N, K a whole number of blocks.
-MS = [1, 3, 16, 17, 70]
+# M on both sides of the small-M thresholds (16 without AVX-512, 48 with), odd N, K a whole
+# number of blocks.
+MS = [1, 3, 16, 17, 48, 49, 70]
 SHAPES = [(77, 256), (130, 384)]
 
 
@@ -69,6 +70,25 @@ def test_gemm_error_within_2x_of_torch(device, dtype, double_quant, blocksize):
             torch_out = F.linear(A, w_hat.to(dtype), bias)
             floor = 1e-6 if dtype == torch.float32 else 0
             assert rel_err(out.cpu(), ref) <= 2 * rel_err(torch_out.cpu(), ref) + floor, (N, K, M)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_small_m_cpu_kernels_odd_k(cpu_isa, quant_type, double_quant):
+    """The fused small-M CPU kernels on every ISA: K that ends in a partial 128-element chunk
+    (the masked load), K long enough for several K tiles, every M from 1 to 16 (one compiled
+    kernel per group size) and M up to the limit of 48 in several groups of rows, blocksizes
+    below and above the chunk."""
+    cases = [(37, 96, 32), (29, 576, 64), (21, 1088, 64), (19, 4160, 64), (23, 1280, 256)]
+    for N, K, bs in cases:
+        packed, state, w_hat = quantized(N, K, bs, quant_type, double_quant, "cpu")
+        bias = torch.randn(N)
+        for M in [*range(1, 17), 17, 25, 33, 47, 48]:
+            A = torch.randn(M, K)
+            ref = R.gemm_4bit(A, packed.reshape(-1), fp32_absmax(state), N, K, bs, quant_type, bias)
+            out = qlora_ext.matmul_4bit(A, packed, state, bias)
+            torch_out = F.linear(A, w_hat, bias)
+            assert rel_err(out, ref) <= 2 * rel_err(torch_out, ref) + 1e-6, (N, K, bs, M)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,9 +1,10 @@
 // CPU kernels for the 4-bit GEMMs (TORCH_LIBRARY_IMPL CPU): gemm_4bit and its input gradient.
 //
 // Neither ever holds the whole dequantized weight:
-// - M <= kSmallM (decode, small batches) is memory-bound on the weight, so each task dequantizes
-//   four rows of W into an L1-resident buffer and dots them with every row of A; the weight is
-//   read exactly once. fp32 accumulation, one rounding to A's dtype at the end.
+// - Small M (decode, small batches) streams the weight once. On AVX-512 a fused kernel decodes
+//   the codes in registers (Note [Nibble planes]); elsewhere each task dequantizes four rows
+//   of W into an L1-resident buffer and dots them with every row of A. fp32 accumulation,
+//   one rounding to A's dtype at the end.
 // - Larger M is compute-bound: W is dequantized panel by panel (about 8 MB each, rows of W)
 //   and each panel goes to at::mm / at::addmm (oneDNN/MKL), which runs at the dense GEMM's
 //   speed; the dequantization is a few percent on top. Panels and accumulation are fp32 for
@@ -24,18 +25,27 @@
 namespace qlora_ext::cpu {
 namespace {
 
-// Where streaming the weight stops paying: measured on 2 AVX-512 cores, the panel GEMM wins
-// from M = 32 on (see benchmarks/RESULTS.md, bench_matmul).
-constexpr int64_t kSmallM = 16;
+// Where streaming the weight stops paying, measured on 2 AVX-512 cores with 4096 x 4096:
+// the fused kernel beats the panel GEMM up to M = 48 (0.67x / 0.90x / 1.07x dense at M = 16 /
+// 32 / 48 against the panels' 2.0x / 1.8x / 1.6x) and loses from M = 64 (1.21x against
+// 1.15x). The dequantize-rows fallback is slower, and stops at 16.
+constexpr int64_t kSmallM = 48;
+constexpr int64_t kSmallMFallback = 16;
 constexpr int kRows = 4;  // weight rows per streaming step
 
 // acc[m * kRows + j] = dot(A[m, :], w[j, :]) for m < M, j < kRows. K is a multiple of 32.
+// Sixteen interleaved partial sums, as the vector kernels keep: one running sum over K = 4096
+// had 5x the rounding error of torch's own fp32 product.
 void dot_rows_scalar(const float* A, int64_t M, int64_t K, const float* w, float* acc) {
   for (int64_t m = 0; m < M; ++m) {
     for (int j = 0; j < kRows; ++j) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += A[m * K + k] * w[j * K + k];
-      acc[m * kRows + j] = s;
+      float s[16] = {};
+      for (int64_t k = 0; k < K; k += 16) {
+        for (int l = 0; l < 16; ++l) s[l] += A[m * K + k + l] * w[j * K + k + l];
+      }
+      for (int h = 8; h > 0; h /= 2)
+        for (int l = 0; l < h; ++l) s[l] += s[l + h];
+      acc[m * kRows + j] = s[0];
     }
   }
 }
@@ -97,66 +107,154 @@ void dot_rows(Isa isa, const float* A, int64_t M, int64_t K, const float* w, flo
 }
 
 #if QX_X86
-// Fused AVX-512 streaming kernel: one row of W at a time is decoded in registers (16 bytes =
-// 32 codes per step: nibble split, byte interleave, 2 x permutexvar on the 16-entry table,
-// times the block scale, which makes exactly the dequantized weight) and multiplied into MT
-// fp32 accumulators, one per row of A. Nothing is written back but the MT results, so the
-// weight is read once and the only other traffic is A, which stays in L1/L2.
-// A: MT rows with leading dimension lda; the row of W and A are read over [0, len).
-template <int MT>
-QX_TARGET_AVX512 void gemv_row_avx512(const float* A, int64_t lda, int64_t len, const uint8_t* wrow,
-                                      const float* scales, int64_t blocksize, const float* table,
-                                      float* result) {
-  constexpr int kAcc = MT <= 8 ? 2 : 1;  // two chains per row of A while registers allow
-  __m512 acc[MT][kAcc];
-  for (int m = 0; m < MT; ++m)
-    for (int a = 0; a < kAcc; ++a) acc[m][a] = _mm512_setzero_ps();
-  const __m512 tab = _mm512_loadu_ps(table);
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t k0 = 0, blk = 0; k0 < len; k0 += blocksize, ++blk) {
-    const __m512 vs = _mm512_set1_ps(scales[blk]);
-    for (int64_t k = k0; k < k0 + blocksize; k += 32) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k / 2));
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-      const __m128i lo = _mm_and_si128(b, low4);
-      // Even elements sit in high nibbles: interleaving hi, lo restores element order.
-      const __m512 w0 = _mm512_mul_ps(
-          _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), tab), vs);
-      const __m512 w1 = _mm512_mul_ps(
-          _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), tab), vs);
-      for (int m = 0; m < MT; ++m) {
-        const float* a = A + m * lda + k;
-        acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(a), w0, acc[m][0]);
-        acc[m][kAcc - 1] = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), w1, acc[m][kAcc - 1]);
+// Note [Nibble planes]: the fused AVX-512 small-M kernel decodes 128 codes per 64-byte load
+// with one shift and one permute per 16 codes. vpermps reads only the low 4 bits of each
+// 32-bit index lane, so with the 64 packed bytes viewed as 16 dwords, shifting right by 4t
+// puts nibble t of every dword in its lane's index bits: the permute of the 16-entry code
+// table *is* the decode, no unpacking. Nibble t of dword j holds element 8j + (t ^ 1) of the
+// chunk (bytes are little-endian, the even element in each byte's high nibble), so A's rows
+// are reordered once per call into the same "planes" (permute_rows) and every product is a
+// plain lane-wise FMA. The earlier kernel (unpack, widen, permute: 3 shuffles per 16 codes)
+// was bound by the one shuffle port at half the speed.
+constexpr int64_t kChunk = 128;  // elements per 64-byte load
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Ap[m * ldp + 128c + 16t + j] = A[m, 128c + 8j + (t ^ 1)], zero past K.
+void permute_rows(const float* A, int64_t M, int64_t K, float* Ap, int64_t ldp) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < ceil_div(K, kChunk); ++c) {
+      for (int t = 0; t < 8; ++t) {
+        for (int j = 0; j < 16; ++j) {
+          const int64_t k = c * kChunk + 8 * j + (t ^ 1);
+          Ap[m * ldp + c * kChunk + 16 * t + j] = k < K ? A[m * K + k] : 0.0f;
+        }
       }
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    __m512 v = acc[m][0];
-    if constexpr (kAcc == 2) v = _mm512_add_ps(v, acc[m][1]);
-    result[m] = _mm512_reduce_add_ps(v);
+}
+
+// For MT rows of A (planes, leading dimension ldp) and R rows of W over chunks [c0, c1):
+// part[r * pstride + 16m ...+16) += the 16 lane sums of row r of W times row m of A, kept as
+// vectors so a K tile costs two memory operations per output instead of a horizontal
+// reduction (the caller sums the lanes once, at the end). wrow: the first row's packed bytes
+// (rows wstride apart); scales: its block scales (rows sstride apart, each padded with 16
+// zeros so one 16-float load serves every chunk); table: the 16 code values.
+// One row of A (decode-bound) sums the unscaled codes' products per chunk and applies the
+// block scales once per chunk. Several rows scale the decoded weights once and
+// share them; two rows of W share each load of A (the loads, not the FMAs, were the limit
+// with one), with one or two accumulators per product (two while FMA latency would show).
+template <int MT, int R>
+QX_TARGET_AVX512 void rows_planes_avx512(const float* Ap, int64_t ldp, const uint8_t* wrow,
+                                         int64_t wstride, int64_t K, int64_t c0, int64_t c1,
+                                         const float* scales, int64_t sstride, int64_t blocksize,
+                                         const float* table, float* part, int64_t pstride) {
+  static_assert(MT == 1 ? R == 1 : R <= 2, "one row of A streams one row of W at a time");
+  constexpr int kAcc = MT <= 4 ? 2 : 1;
+  const __m512 lut = _mm512_loadu_ps(table);
+  // Lane j of a chunk belongs to block (128c + 8j) / blocksize; blocksizes are powers of two
+  // >= 32, so that is the chunk's first block plus 8j / blocksize.
+  const __m512i lane_idx = _mm512_srlv_epi32(
+      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
+      _mm512_set1_epi32(__builtin_ctzll(uint64_t(blocksize))));
+  const int bs_log2 = __builtin_ctzll(uint64_t(blocksize));  // not a 64-bit divide per chunk
+  // Fully unrolled (the pragmas): acc is indexed by loop counters and must live in registers.
+  __m512 acc[R][MT][kAcc];
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      acc[r][m][0] = _mm512_load_ps(part + r * pstride + 16 * m);
+#pragma GCC unroll 4
+      for (int i = 1; i < kAcc; ++i) acc[r][m][i] = _mm512_setzero_ps();
+    }
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t k = c * kChunk, bytes = std::min<int64_t>(64, (K - k) / 2);
+    // K is a whole number of >= 32-element blocks, so a short last chunk is whole dwords.
+    const __mmask16 lanes = bytes == 64 ? __mmask16(0xFFFF) : __mmask16((1u << (bytes / 4)) - 1);
+    __m512i v[R];
+    __m512 sv[R];
+#pragma GCC unroll 2
+    for (int r = 0; r < R; ++r) {
+      v[r] = _mm512_maskz_loadu_epi32(lanes, wrow + r * wstride + k / 2);
+      sv[r] =
+          _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(scales + r * sstride + (k >> bs_log2)));
+    }
+    const float* a = Ap + k;
+    if constexpr (MT == 1) {
+      // Decoding takes ~13 cycles per 64-byte line, too slow for the hardware prefetcher to
+      // stay a DRAM latency ahead: rotated past the L3 this kernel drew 11 GB/s, not the 29
+      // of a dense GEMV. Rows are contiguous, so ahead is also the next row.
+      _mm_prefetch(reinterpret_cast<const char*>(wrow + k / 2 + kPrefetchBytes), _MM_HINT_T0);
+      // Two chains per chunk: each chunk's sums are independent of the last chunk's, so the
+      // out-of-order core overlaps chunks and more chains would only add uops.
+      __m512 s[2];
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m512 w = _mm512_permutexvar_ps(v[0], lut);
+        const __m512 x = _mm512_load_ps(a + 16 * t);
+        s[t % 2] = t < 2 ? _mm512_mul_ps(x, w) : _mm512_fmadd_ps(x, w, s[t % 2]);
+        v[0] = _mm512_srli_epi32(v[0], 4);
+      }
+      const __m512 sum = _mm512_add_ps(s[0], s[1]);
+      acc[0][0][c % kAcc] = _mm512_fmadd_ps(sum, sv[0], acc[0][0][c % kAcc]);
+    } else {
+      // The same line of the next K tile: this row's next visit (rows are K / 2 bytes apart,
+      // so the hardware sees no stream). Past the row's end it is the next row, also needed.
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(
+            reinterpret_cast<const char*>(wrow + r * wstride + (k + (c1 - c0) * kChunk) / 2),
+            _MM_HINT_T0);
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        __m512 w[R];
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) {
+          w[r] = _mm512_mul_ps(_mm512_permutexvar_ps(v[r], lut), sv[r]);
+          v[r] = _mm512_srli_epi32(v[r], 4);
+        }
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) {
+          const __m512 x = _mm512_load_ps(a + m * ldp + 16 * t);
+#pragma GCC unroll 2
+          for (int r = 0; r < R; ++r) {
+            acc[r][m][t % kAcc] = _mm512_fmadd_ps(x, w[r], acc[r][m][t % kAcc]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      __m512 sum = acc[r][m][0];
+#pragma GCC unroll 4
+      for (int i = 1; i < kAcc; ++i) sum = _mm512_add_ps(sum, acc[r][m][i]);
+      _mm512_store_ps(part + r * pstride + 16 * m, sum);
+    }
   }
 }
 
-using GemvRowFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, int64_t,
-                           const float*, float*);
+using RowsPlanesFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, int64_t,
+                              int64_t, const float*, int64_t, int64_t, const float*, float*,
+                              int64_t);
+constexpr int kMaxMT = 8;  // rows of A per kernel call: 2 x 8 accumulators with two rows of W
 
-// The compiled row counts: every M from 1 to 16, so the accumulators are exactly M registers.
-GemvRowFn gemv_row_for(int64_t M) {
-  switch (M) {
-    // clang-format off: it cannot lay out a run of case-generating macros
-#define QX_CASE(n) \
-  case n:          \
-    return &gemv_row_avx512<n>;
-    QX_CASE(1) QX_CASE(2) QX_CASE(3) QX_CASE(4) QX_CASE(5) QX_CASE(6) QX_CASE(7) QX_CASE(8)
-    QX_CASE(9) QX_CASE(10) QX_CASE(11) QX_CASE(12) QX_CASE(13) QX_CASE(14) QX_CASE(15)
-    QX_CASE(16)
-#undef QX_CASE
-    default:
-      return nullptr;
-  }
-  // clang-format on
-}
+// kernels[MT - 1][R - 1]: every group size from 1 to 8 is compiled, so the accumulators are
+// exactly registers.
+constexpr RowsPlanesFn kRowsPlanes[kMaxMT][2] = {
+    {&rows_planes_avx512<1, 1>, nullptr},
+    {&rows_planes_avx512<2, 1>, &rows_planes_avx512<2, 2>},
+    {&rows_planes_avx512<3, 1>, &rows_planes_avx512<3, 2>},
+    {&rows_planes_avx512<4, 1>, &rows_planes_avx512<4, 2>},
+    {&rows_planes_avx512<5, 1>, &rows_planes_avx512<5, 2>},
+    {&rows_planes_avx512<6, 1>, &rows_planes_avx512<6, 2>},
+    {&rows_planes_avx512<7, 1>, &rows_planes_avx512<7, 2>},
+    {&rows_planes_avx512<8, 1>, &rows_planes_avx512<8, 2>},
+};
 #endif
 
 struct Weight4 {
@@ -166,29 +264,69 @@ struct Weight4 {
   CodeTable code;
 };
 
+#if QX_X86
+// Small M on AVX-512 (Note [Nibble planes]). Rows of W are taken in groups of kRowTile; for
+// each group the K axis is walked in tiles whose permuted rows of A fit in half the L1 (one
+// row of A: the whole K up to 6144), so every load of A hits L1, and each group's block
+// scales are computed once, before the tiles. M > 8 runs as two groups of rows of A.
+template <typename T>
+void gemm_planes_avx512(const float* A32, int64_t M, const Weight4& W, const float* bias, T* out) {
+  constexpr int64_t kRowTile = 16;
+  const int64_t K = W.K, N = W.N, bs = W.blocksize, kblocks = K / bs;
+  // One cache line of padding per row of planes: at a multiple of 4 KB the rows' operands for
+  // a chunk all fall in one 12-way L1 set and evict each other.
+  const int64_t chunks = ceil_div(K, kChunk), ldp = chunks * kChunk + 16;
+  // 64-byte aligned: every operand load is one whole cache line, never a split load.
+  std::vector<float> Ap_buf(M * ldp + 16);
+  float* Ap = Ap_buf.data() + (16 - (reinterpret_cast<uintptr_t>(Ap_buf.data()) / 4) % 16) % 16;
+  permute_rows(A32, M, K, Ap, ldp);
+  const int64_t groups = ceil_div(M, kMaxMT), mt0 = ceil_div(M, groups);
+  const int64_t tile = std::max<int64_t>(1, (24 << 10) / (mt0 * kChunk * int64_t(sizeof(float))));
+  const int64_t sstride = kblocks + 16, pstride = M * 16;
+  at::parallel_for(0, N, kRowTile, [&](int64_t lo, int64_t hi) {
+    std::vector<float> part_buf(kRowTile * pstride + 16);
+    float* part =
+        part_buf.data() + (16 - (reinterpret_cast<uintptr_t>(part_buf.data()) / 4) % 16) % 16;
+    std::vector<float> scales(kRowTile * sstride, 0.0f);  // the pads stay zero
+    for (int64_t n0 = lo; n0 < hi; n0 += kRowTile) {
+      const int64_t rows = std::min(kRowTile, hi - n0);
+      for (int64_t r = 0; r < rows; ++r) {
+        block_scales(W.src, (n0 + r) * kblocks, kblocks, scales.data() + r * sstride);
+      }
+      std::fill(part, part + rows * pstride, 0.0f);
+      for (int64_t c0 = 0; c0 < chunks; c0 += tile) {
+        const int64_t c1 = std::min(chunks, c0 + tile);
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t m0 = g * mt0, mt = std::min(mt0, M - m0);
+          for (int64_t r = 0; r < rows;) {
+            const int64_t R = (mt > 1 && r + 1 < rows) ? 2 : 1;
+            kRowsPlanes[mt - 1][R - 1](Ap + m0 * ldp, ldp, W.packed + (n0 + r) * K / 2, K / 2, K,
+                                       c0, c1, scales.data() + r * sstride, sstride, bs,
+                                       W.code.value, part + r * pstride + m0 * 16, pstride);
+            r += R;
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t m = 0; m < M; ++m) {
+          const float* lanes = part + r * pstride + m * 16;
+          float sum = 0.0f;
+          for (int l = 0; l < 16; ++l) sum += lanes[l];
+          out[m * N + n0 + r] = from_f32<T>(sum + (bias ? bias[n0 + r] : 0.f));
+        }
+      }
+    }
+  });
+}
+#endif
+
 // Small M: stream W once. A32 is [M, K] fp32; out is [M, N] in T.
 template <typename T>
 void gemm_streaming(const float* A32, int64_t M, const Weight4& W, const float* bias, T* out) {
   const int64_t K = W.K, N = W.N, kblocks = K / W.blocksize;
   const Isa isa = current_isa();
 #if QX_X86
-  if (isa == Isa::Avx512) {
-    const GemvRowFn row_fn = gemv_row_for(M);
-    // One whole row of W per call. (Walking K in L1-sized chunks of A was tried and measured
-    // slower at every M here: M = 16 went from 5.3 to 7.4 ms on 4096 x 4096.)
-    at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
-      std::vector<float> scales(kblocks), res(M);
-      for (int64_t n = lo; n < hi; ++n) {
-        for (int64_t b = 0; b < kblocks; ++b) scales[b] = block_scale(W.src, n * kblocks + b);
-        row_fn(A32, K, K, W.packed + n * K / 2, scales.data(), W.blocksize, W.code.value,
-               res.data());
-        for (int64_t m = 0; m < M; ++m) {
-          out[m * N + n] = from_f32<T>(res[m] + (bias ? bias[n] : 0.f));
-        }
-      }
-    });
-    return;
-  }
+  if (isa == Isa::Avx512) return gemm_planes_avx512(A32, M, W, bias, out);
 #endif
   at::parallel_for(0, ceil_div(N, kRows), 8, [&](int64_t lo, int64_t hi) {
     std::vector<float> w(kRows * K, 0.f), acc(M * kRows);
@@ -264,7 +402,8 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
   // Panels compute in fp32 (fp64 for fp64 inputs); see the note at the top.
   const at::ScalarType acc = A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const GemmPath path = gemm_path();
-  const bool small = M > 0 && M <= kSmallM && acc == at::kFloat && path != GemmPath::Panel;
+  const int64_t small_m = current_isa() == Isa::Avx512 ? kSmallM : kSmallMFallback;
+  const bool small = M > 0 && M <= small_m && acc == at::kFloat && path != GemmPath::Panel;
   if (small) {
     const at::Tensor A32 = A2.to(at::kFloat).contiguous();
     std::optional<at::Tensor> b32;
