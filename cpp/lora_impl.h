@@ -11,8 +11,9 @@
 // in their own gradients; grad_A and grad_B are rounded once, to A's and B's dtypes. On the
 // CPU the base product also comes back in fp32 (its kernels accumulate in fp32 anyway), the
 // rank-r term is added to that fp32 y (addmm, beta = 1) and y is rounded to x's dtype once. On
-// CUDA the base product runs in x's dtype on the tensor cores and the rank-r term, rounded to
-// x's dtype, is added by one addmm_ (cuBLAS beta = 1 epilogue) over y.
+// CUDA the base product runs in x's dtype and the rank-r term is added inside the 4-bit GEMM
+// (Note [LoRA epilogue], cuda/gemm_ops.cpp): in fp32 in the small-M kernel's epilogue, with
+// xa * scale and B rounded to x's dtype as extra tensor-core K steps, or by cuBLAS's beta = 1.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,13 +27,6 @@
 
 namespace qlora_ext {
 
-struct LoraBackend {
-  // true: the base product is computed and accumulated in fp32 (CPU); false: in x's dtype.
-  bool base_in_acc;
-  // Applies Note [Dropout by seed] in place to a contiguous fp32 (or, on the CPU, fp64) tensor.
-  void (*dropout)(at::Tensor& t, uint64_t seed, uint32_t threshold, double inv_keep);
-};
-
 // The 4-bit weight arguments of the gemm ops, passed through unchanged.
 struct Weight4Ref {
   const at::Tensor& packed;
@@ -43,6 +37,18 @@ struct Weight4Ref {
   const std::optional<at::Tensor>& nc;
   const std::optional<at::Tensor>& no;
   int64_t nested_blocksize;
+};
+
+struct LoraBackend {
+  // true: the base product is computed and accumulated in fp32 (CPU); false: in x's dtype.
+  bool base_in_acc;
+  // Applies Note [Dropout by seed] in place to a contiguous fp32 (or, on the CPU, fp64) tensor.
+  void (*dropout)(at::Tensor& t, uint64_t seed, uint32_t threshold, double inv_keep);
+  // When set (CUDA): y = x2d @ dequant(W)^T (+ bias) + scale * xa @ B^T with the rank-r term
+  // added inside the 4-bit GEMM; otherwise the base product and an addmm.
+  at::Tensor (*base_plus_lora)(const at::Tensor& x2d, const Weight4Ref& w,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& xa,
+                               const at::Tensor& B, double scale) = nullptr;
 };
 
 inline bool is_lora_float(const at::Tensor& t) {
@@ -129,6 +135,8 @@ inline std::tuple<at::Tensor, at::Tensor> lora_forward(const LoraBackend& be, co
     y = call_gemm_4bit(X_acc, w, bias);
     y.addmm_(xa, B.to(acc).t(), 1.0, scale);
     y = y.to(x.scalar_type());
+  } else if (be.base_plus_lora) {
+    y = be.base_plus_lora(x.reshape({-1, w.K}), w, bias, xa, B, scale);
   } else {
     y = call_gemm_4bit(x.reshape({-1, w.K}), w, bias);
     y.addmm_(xa.to(x.scalar_type()), B.to(x.scalar_type()).t(), 1.0, scale);

@@ -6,7 +6,8 @@
 // stride K in 32-code chunks, so a warp's loads of one row are 512 contiguous bytes. Products
 // accumulate in fp32 registers and are reduced across the warp at the end. When N is too small
 // to fill the GPU, K is split across blocks (grid.y); partial sums land in an fp32 workspace
-// and a second kernel adds them in a fixed order (deterministic), adds the bias and rounds once.
+// and a second kernel adds them in a fixed order (deterministic), adds the bias and the LoRA
+// term (LoraTerm) and rounds once.
 #include "device_utils.cuh"
 #include "quant_launchers.h"
 
@@ -114,16 +115,25 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // @kernel-budget gemv_epilogue_kernel: regs<=48 stack<=0 (elementwise)
-// out[m, n] = sum over splits of ws (in split order) + bias[n], rounded once to T.
+// out[m, n] = sum over splits of ws (in split order) + bias[n] + lora.scale * dot(xa[m, :],
+// B[n, :]) (LoraTerm, fp32), rounded once to T.
 template <typename T, typename B>
 __global__ void __launch_bounds__(256)
     gemv_epilogue_kernel(const float* __restrict__ ws, int splits, int64_t MN, int64_t N,
-                         const B* __restrict__ bias, T* __restrict__ out) {
+                         const B* __restrict__ bias, const float* __restrict__ xa,
+                         const float* __restrict__ lb, int r, float scale, T* __restrict__ out) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < MN;
        i += int64_t(gridDim.x) * blockDim.x) {
     float v = 0.f;
     for (int s = 0; s < splits; ++s) v += ws[s * MN + i];
     if (bias) v += to_f32(bias[i % N]);
+    if (xa) {
+      const float* x = xa + (i / N) * r;
+      const float* b = lb + (i % N) * r;
+      float l = 0.f;
+      for (int j = 0; j < r; ++j) l = fmaf(__ldg(x + j), __ldg(b + j), l);
+      v = fmaf(scale, l, v);
+    }
     out[i] = from_f32<T>(v);
   }
 }
@@ -142,7 +152,8 @@ int gemv_4bit_splits(int64_t N, int64_t K, int num_sms) {
 cudaError_t launch_gemv_4bit(const void* A, DType dt, int64_t M, int64_t N, int64_t K,
                              const uint8_t* packed, const float* absmax, const NestedAbsmax& nested,
                              int64_t blocksize, QuantType qt, const void* bias, DType bias_dt,
-                             int splits, float* ws, void* out, cudaStream_t stream) {
+                             int splits, float* ws, void* out, cudaStream_t stream,
+                             const LoraTerm& lora) {
   if (M == 0 || N == 0) return cudaSuccess;
   const CodeTable c = code_table(qt);
   // Each split covers a multiple of 32 codes, so no lane's 16-byte chunk straddles two splits.
@@ -172,8 +183,9 @@ cudaError_t launch_gemv_4bit(const void* A, DType dt, int64_t M, int64_t N, int6
     using T = decltype(tag);
     dispatch_dtype(bias_dt, [&](auto btag) {
       using B = decltype(btag);
-      gemv_epilogue_kernel<T, B><<<egrid, 256, 0, stream>>>(
-          ws, real_splits, MN, N, static_cast<const B*>(bias), static_cast<T*>(out));
+      gemv_epilogue_kernel<T, B>
+          <<<egrid, 256, 0, stream>>>(ws, real_splits, MN, N, static_cast<const B*>(bias), lora.xa,
+                                      lora.B, lora.r, lora.scale, static_cast<T*>(out));
     });
   });
   return cudaGetLastError();

@@ -13,6 +13,13 @@
 // scripts/gpu_check.sh times every path (set_gemm_path) so they can be set from measurements.
 // The input gradient uses panels of K (columns of W), so every output element comes from one
 // GEMM and is rounded once.
+//
+// Note [LoRA epilogue]: lora_4bit_forward's rank-r term scale * xa @ B^T goes into y inside
+// the 4-bit GEMM on every path, never as a second elementwise pass over y: the small-M kernel's
+// split-K epilogue dots xa and B in fp32; the tensor-core kernel runs xa * scale and B as a few
+// more K steps into its fp32 accumulators (y rounded once); the panel path computes the
+// rank-r product (with the bias) into each panel of y first and the base cuBLAS GEMM adds onto
+// it through beta = 1.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -20,6 +27,7 @@
 
 #include "cuda_glue.h"
 #include "gemm_checks.h"
+#include "gemm_lora.h"
 #include "gemm_path.h"
 #include "quant_launchers.h"
 
@@ -91,13 +99,21 @@ void dequantize_slice(const Weight& w, const Slice& s, at::Tensor& dst, cudaStre
                "dequantize_4bit (panel)");
 }
 
-at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
+// The LoRA term to add in the GEMM (lora_4bit_forward): xa [M, r] fp32, B [N, r], scale.
+struct LoraArgs {
+  const at::Tensor& xa;
+  const at::Tensor& B;
+  double scale;
+};
+
+// gemm_4bit, optionally with the rank-r LoRA term added inside the GEMM (Note [LoRA epilogue]).
+at::Tensor gemm_4bit_impl(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
                           int64_t N, int64_t K, int64_t blocksize, c10::string_view quant_type,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& nested_absmax,
                           const std::optional<at::Tensor>& nested_code,
-                          const std::optional<at::Tensor>& nested_offset,
-                          int64_t nested_blocksize) {
+                          const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
+                          const LoraArgs* lora) {
   const QuantType qt = parse_quant_type(std::string(quant_type));
   check_gemm_4bit_args(A, "A", K, packed, absmax, N, K, blocksize, nested_absmax, nested_code,
                        nested_offset, nested_blocksize);
@@ -115,7 +131,17 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
   const bool small = M <= kSmallM && path != GemmPath::Panel && path != GemmPath::TensorCore;
   const bool tc =
       !small && half_a && path != GemmPath::Panel && (M <= kTcMaxM || path == GemmPath::TensorCore);
+  LoraTerm term;  // filled for the path that runs; the tensors below keep its buffers alive
+  at::Tensor xa32, b32, x_ext, w_ext, xa_t, b_t;
   if (small) {
+    if (lora) {
+      xa32 = lora->xa.to(at::kFloat).contiguous();
+      b32 = lora->B.to(at::kFloat).contiguous();
+      term.xa = xa32.const_data_ptr<float>();
+      term.B = b32.const_data_ptr<float>();
+      term.r = int(b32.size(1));
+      term.scale = float(lora->scale);
+    }
     const int splits = gemv_4bit_splits(N, K, num_sms(A.get_device()));
     at::Tensor ws = at::empty({splits * M * N}, A.options().dtype(at::kFloat));
     std::optional<at::Tensor> b;
@@ -125,28 +151,51 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
                                   w.nested.codes ? nullptr : w.absmax.const_data_ptr<float>(),
                                   w.nested, blocksize, qt, b ? b->const_data_ptr() : nullptr,
                                   b ? to_dtype(b->scalar_type()) : DType::F32, splits,
-                                  ws.data_ptr<float>(), out.data_ptr(), stream),
+                                  ws.data_ptr<float>(), out.data_ptr(), stream, term),
                  "gemm_4bit (small M)");
   } else if (tc) {
+    if (lora) {
+      const int64_t r = lora->B.size(1), r_pad = (r + 31) / 32 * 32;
+      x_ext = at::zeros({M, r_pad}, A.options());
+      w_ext = at::zeros({N, r_pad}, A.options());
+      x_ext.narrow(1, 0, r).copy_(lora->xa.reshape({M, r}) * lora->scale);
+      w_ext.narrow(1, 0, r).copy_(lora->B);
+      term.x_ext = x_ext.const_data_ptr();
+      term.w_ext = w_ext.const_data_ptr();
+      term.r_pad = int(r_pad);
+    }
     std::optional<at::Tensor> b;
     if (bias) b = bias->contiguous();
-    check_launch(
-        launch_gemm_4bit_tc(A2.const_data_ptr(), to_dtype(A.scalar_type()), M, N, K,
-                            w.packed.const_data_ptr<uint8_t>(),
-                            w.nested.codes ? nullptr : w.absmax.const_data_ptr<float>(), w.nested,
-                            blocksize, qt, b ? b->const_data_ptr() : nullptr,
-                            b ? to_dtype(b->scalar_type()) : DType::F32, out.data_ptr(), stream),
-        "gemm_4bit (tensor cores)");
+    check_launch(launch_gemm_4bit_tc(A2.const_data_ptr(), to_dtype(A.scalar_type()), M, N, K,
+                                     w.packed.const_data_ptr<uint8_t>(),
+                                     w.nested.codes ? nullptr : w.absmax.const_data_ptr<float>(),
+                                     w.nested, blocksize, qt, b ? b->const_data_ptr() : nullptr,
+                                     b ? to_dtype(b->scalar_type()) : DType::F32, out.data_ptr(),
+                                     stream, term),
+                 "gemm_4bit (tensor cores)");
   } else {
     const int64_t rows = panel_extent(N, K, A.element_size(), 16);
     at::Tensor panel = at::empty({rows * K}, A.options());
     const std::optional<at::Tensor> b = bias ? std::optional(bias->to(A.scalar_type())) : bias;
+    if (lora) {
+      xa_t = (lora->xa.reshape({M, -1}) * lora->scale).to(A.scalar_type());
+      b_t = lora->B.to(A.scalar_type());
+    }
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
       at::Tensor p = panel.narrow(0, 0, r * K).view({r, K});
       dequantize_slice(w, Slice{n0, r, K, 0, K}, p, stream);
       at::Tensor o = out.narrow(1, n0, r);
-      if (b) {
+      if (lora) {
+        // The rank-r product (plus bias) first; the base GEMM then accumulates onto it in
+        // cuBLAS's beta = 1 epilogue, so y is written by GEMMs only.
+        if (b) {
+          at::addmm_out(o, b->narrow(0, n0, r), xa_t, b_t.narrow(0, n0, r).t());
+        } else {
+          at::mm_out(o, xa_t, b_t.narrow(0, n0, r).t());
+        }
+        o.addmm_(A2, p.t());
+      } else if (b) {
         at::addmm_out(o, b->narrow(0, n0, r), A2, p.t());
       } else {
         at::mm_out(o, A2, p.t());
@@ -154,6 +203,17 @@ at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const a
     }
   }
   return out.view(gemm_out_shape(A, N));
+}
+
+at::Tensor gemm_4bit_cuda(const at::Tensor& A, const at::Tensor& packed, const at::Tensor& absmax,
+                          int64_t N, int64_t K, int64_t blocksize, c10::string_view quant_type,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code,
+                          const std::optional<at::Tensor>& nested_offset,
+                          int64_t nested_blocksize) {
+  return gemm_4bit_impl(A, packed, absmax, N, K, blocksize, quant_type, bias, nested_absmax,
+                        nested_code, nested_offset, nested_blocksize, nullptr);
 }
 
 at::Tensor gemm_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Tensor& packed,
@@ -188,6 +248,14 @@ at::Tensor gemm_4bit_grad_input_cuda(const at::Tensor& grad_out, const at::Tenso
 }
 
 }  // namespace
+
+at::Tensor gemm_4bit_lora_cuda(const at::Tensor& x2d, const Weight4Ref& w,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& xa,
+                               const at::Tensor& B, double scale) {
+  const LoraArgs lora{xa, B, scale};
+  return gemm_4bit_impl(x2d, w.packed, w.absmax, w.N, w.K, w.blocksize, w.quant_type, bias, w.na,
+                        w.nc, w.no, w.nested_blocksize, &lora);
+}
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("gemm_4bit", &gemm_4bit_cuda);

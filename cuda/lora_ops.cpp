@@ -1,6 +1,6 @@
 // ATen glue for the CUDA LoRA ops (TORCH_LIBRARY_IMPL CUDA). The maths is in cpp/lora_impl.h:
-// the base product runs in x's dtype through gemm_4bit (tensor cores), the adapter products in
-// fp32, and the rank-r term is added to y by cuBLAS's beta = 1 epilogue
+// the base product runs in x's dtype through the 4-bit GEMM with the rank-r term added in its
+// epilogue (Note [LoRA epilogue], gemm_ops.cpp), the adapter products in fp32
 // (Note [LoRA accumulation]). Only the dropout mask needs a kernel of its own.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cuda_glue.h"
+#include "gemm_lora.h"
 #include "lora_impl.h"
 #include "lora_launchers.h"
 
@@ -23,7 +24,7 @@ void dropout_cuda(at::Tensor& t, uint64_t seed, uint32_t threshold, double inv_k
       "lora dropout");
 }
 
-const LoraBackend kCuda{false, &dropout_cuda};
+const LoraBackend kCuda{false, &dropout_cuda, &gemm_4bit_lora_cuda};
 
 std::tuple<at::Tensor, at::Tensor> lora_4bit_forward_cuda(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t N, int64_t K,

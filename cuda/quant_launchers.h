@@ -38,13 +38,31 @@ cudaError_t launch_dequantize_4bit(const uint8_t* packed, const float* absmax,
                                    int64_t blocksize, QuantType qt, void* out, DType dt,
                                    cudaStream_t stream);
 
+// The rank-r term of lora_4bit_forward, out[m, n] += scale * sum_j xa[m, j] * B[n, j], added
+// inside a 4-bit GEMM's epilogue instead of by a second pass over out. Each path reads its own
+// form (the glue fills the one it launches; an empty LoraTerm adds nothing):
+// - small M: xa [M, r] and B [N, r] in fp32, dotted in fp32 in the split-K epilogue;
+// - tensor cores: x_ext = xa * scale and w_ext = B in A's dtype, zero-padded to r_pad columns
+//   (a multiple of 32), multiplied as r_pad more K steps into the same fp32 accumulators, so
+//   y is rounded once.
+struct LoraTerm {
+  const float* xa = nullptr;
+  const float* B = nullptr;
+  int r = 0;
+  float scale = 0.f;
+  const void* x_ext = nullptr;
+  const void* w_ext = nullptr;
+  int r_pad = 0;
+};
+
 // Small-M 4-bit GEMM: out[m, n] = sum_k A[m, k] * dequant(W)[n, k] (+ bias[n]) for M <= 16.
 // ws is an fp32 workspace of splits * M * N floats (splits from gemv_4bit_splits).
 int gemv_4bit_splits(int64_t N, int64_t K, int num_sms);
 cudaError_t launch_gemv_4bit(const void* A, DType dt, int64_t M, int64_t N, int64_t K,
                              const uint8_t* packed, const float* absmax, const NestedAbsmax& nested,
                              int64_t blocksize, QuantType qt, const void* bias, DType bias_dt,
-                             int splits, float* ws, void* out, cudaStream_t stream);
+                             int splits, float* ws, void* out, cudaStream_t stream,
+                             const LoraTerm& lora = LoraTerm{});
 
 cudaError_t launch_quantize_blockwise_8bit(const void* x, DType dt, int64_t n, int64_t blocksize,
                                            const float* code, uint8_t* q, float* absmax,
@@ -58,6 +76,7 @@ cudaError_t launch_dequantize_blockwise_8bit(const uint8_t* q, const float* absm
 cudaError_t launch_gemm_4bit_tc(const void* A, DType dt, int64_t M, int64_t N, int64_t K,
                                 const uint8_t* packed, const float* absmax,
                                 const NestedAbsmax& nested, int64_t blocksize, QuantType qt,
-                                const void* bias, DType bias_dt, void* out, cudaStream_t stream);
+                                const void* bias, DType bias_dt, void* out, cudaStream_t stream,
+                                const LoraTerm& lora = LoraTerm{});
 
 }  // namespace qlora_ext::cuda

@@ -25,11 +25,16 @@ def main() -> None:
         qlora_ext.dequantize_blockwise_8bit(q, a, dtype=dtype)
         packed, state = qlora_ext.quantize_4bit(w, 64, "nf4", True)
         bias = torch.randn(77, device=dev, dtype=dtype)
+        lora_A = torch.randn(8, 192, device=dev, requires_grad=True)
+        lora_B = torch.randn(77, 8, device=dev, requires_grad=True)
         for path in ("small", "tc", "panel"):
             qlora_ext._C.set_gemm_path(path)
             for M in (1, 5, 17, 130):
                 x = torch.randn(M, 192, device=dev, dtype=dtype, requires_grad=True)
                 qlora_ext.matmul_4bit(x, packed, state, bias).sum().backward()
+                # The LoRA term in each GEMM's epilogue (Note [LoRA epilogue]).
+                y = qlora_ext.lora_4bit(x, packed, state, lora_A, lora_B, 2.0, bias=bias)
+                y.float().sum().backward()
         qlora_ext._C.set_gemm_path("auto")
     torch.cuda.synchronize()
     print("sanitize_subset: done")

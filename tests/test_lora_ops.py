@@ -7,7 +7,7 @@ import torch
 
 import qlora_ext
 import reference as ref
-from conftest import DEVICES
+from conftest import DEVICES, HAS_CUDA_KERNELS
 
 ops = torch.ops.qlora_ext
 N, K, R = 48, 128, 8
@@ -145,6 +145,35 @@ def test_mixed_precision_bf16_x_fp32_adapters(device):
     # grad_A, grad_B are accumulated and kept in fp32 from bf16 inputs: fp32-level agreement.
     torch.testing.assert_close(A.grad.double(), A64.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(B.grad.double(), B64.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs the CUDA kernels and a device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gemm_path", ["small", "tc", "panel"])
+@pytest.mark.parametrize("r", [8, 40])  # one extra tensor-core K step, and two (r_pad = 64)
+def test_cuda_lora_term_in_every_gemm_epilogue(dtype, gemm_path, r):
+    """Each CUDA GEMM path adds the rank-r term inside the GEMM (Note [LoRA epilogue]): y
+    against the fp64 computation on the same 16-bit inputs, with bias, at an M the path
+    handles. One rounding of y to 16 bits (0.4% for bf16) plus the 16-bit rounding of
+    xa * scale and B on the tensor-core and panel paths: 2e-2 relative."""
+    n, k = 200, 256  # N not a multiple of the 128-wide tile
+    w = torch.randn(n, k, device="cuda")
+    packed, state = qlora_ext.quantize_4bit(w, 64, "nf4", double_quant=True)
+    A = torch.randn(r, k, device="cuda") / k**0.5
+    B = torch.randn(n, r, device="cuda")
+    bias = torch.randn(n, device="cuda").to(dtype)
+    M = {"small": 5, "tc": 150, "panel": 300}[gemm_path]
+    x = torch.randn(M, k, device="cuda").to(dtype)
+    qlora_ext._C.set_gemm_path(gemm_path)
+    try:
+        y = qlora_ext.lora_4bit(x, packed, state, A, B, 1.5, bias=bias)
+    finally:
+        qlora_ext._C.set_gemm_path("auto")
+    W = qlora_ext.dequantize_4bit(packed, state).double()
+    x64 = x.double()
+    want = x64 @ W.T + 1.5 * (x64 @ A.double().T) @ B.double().T + bias.double()
+    err = (y.double() - want).norm() / want.norm()
+    assert y.dtype == dtype and err < 2e-2, (gemm_path, float(err))
 
 
 @pytest.mark.parametrize("device", DEVICES)
