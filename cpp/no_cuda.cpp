@@ -17,7 +17,8 @@ void built_without_cuda(const c10::OperatorHandle& op, torch::jit::Stack*) {
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   for (const char* name :
        {"quantize_4bit", "dequantize_4bit", "quantize_blockwise_8bit", "dequantize_blockwise_8bit",
-        "gemm_4bit", "gemm_4bit_grad_input", "adamw_step_32bit", "adamw_step_8bit_blockwise"}) {
+        "gemm_4bit", "gemm_4bit_grad_input", "adamw_step_32bit", "adamw_step_32bit_multi",
+        "adamw_step_8bit_blockwise"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&built_without_cuda>());
   }
   for (const char* name : {"lora_4bit_forward", "lora_4bit_backward"}) {

@@ -54,6 +54,14 @@ TORCH_LIBRARY(qlora_ext, m) {
   m.def(
       "adamw_step_32bit(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "int step, float lr, float beta1, float beta2, float eps, float weight_decay) -> Tensor");
+  // adamw_step_32bit over lists of tensors in one call (same arguments per tensor, its own
+  // step each): the per-call overhead of hundreds of small LoRA tensors, not their bytes,
+  // dominated a CPU step. Returns each tensor's non-finite count ([len(params)] int64); a
+  // tensor with a non-zero count is left untouched, the others are updated.
+  m.def(
+      "adamw_step_32bit_multi(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, int[] steps, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay) -> Tensor");
   // The same step with both moments stored in 8 bits, blocks of 256 with an fp32 absmax each:
   // exp_avg against the signed dynamic map, exp_avg_sq against the unsigned one. Dequantize,
   // update and requantize in one pass (Note [8-bit state quantization]).

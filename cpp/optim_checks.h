@@ -55,4 +55,28 @@ inline void check_adamw_8bit_states(const at::Tensor& param, const at::Tensor& e
   check_state(code_unsigned, "code_unsigned", at::kFloat, 256, param);
 }
 
+// The list arguments of adamw_step_32bit_multi: equal lengths, then each tensor's own checks,
+// with the failing index in the message.
+inline void check_adamw_multi_args(at::TensorList params, at::TensorList grads,
+                                   at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                   at::IntArrayRef steps, double lr, double beta1, double beta2,
+                                   double eps, double weight_decay) {
+  const size_t n = params.size();
+  TORCH_CHECK(
+      grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n,
+      "params, grads, exp_avgs, exp_avg_sqs and steps must have the same length, got ", n, ", ",
+      grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size());
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      check_adamw_args(params[i], grads[i], steps[i], lr, beta1, beta2, eps, weight_decay);
+      check_state(exp_avgs[i], "exp_avg", at::kFloat, params[i].numel(), params[i]);
+      check_state(exp_avg_sqs[i], "exp_avg_sq", at::kFloat, params[i].numel(), params[i]);
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "tensor ", i, " of the lists: ", e.what_without_backtrace());
+    }
+    TORCH_CHECK(params[i].device() == params[0].device(), "params[", i, "] is on ",
+                params[i].device(), " but params[0] is on ", params[0].device());
+  }
+}
+
 }  // namespace qlora_ext

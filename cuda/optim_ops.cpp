@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "cuda_glue.h"
 #include "optim_checks.h"
 #include "optim_launchers.h"
@@ -40,6 +42,25 @@ at::Tensor adamw_step_32bit_cuda(at::Tensor& param, const at::Tensor& grad, at::
   return skipped;
 }
 
+// One launch pair per tensor for now (a multi-tensor-apply kernel is future work); the call
+// still saves the per-op dispatch of hundreds of small adapter tensors.
+at::Tensor adamw_step_32bit_multi_cuda(at::TensorList params, at::TensorList grads,
+                                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                       at::IntArrayRef steps, double lr, double beta1, double beta2,
+                                       double eps, double weight_decay) {
+  check_adamw_multi_args(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                         weight_decay);
+  if (params.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kLong));
+  std::vector<at::Tensor> counts;
+  counts.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor p = params[i], m = exp_avgs[i], v = exp_avg_sqs[i];
+    counts.push_back(
+        adamw_step_32bit_cuda(p, grads[i], m, v, steps[i], lr, beta1, beta2, eps, weight_decay));
+  }
+  return at::stack(counts);
+}
+
 at::Tensor adamw_step_8bit_blockwise_cuda(at::Tensor& param, const at::Tensor& grad,
                                           at::Tensor& exp_avg_q, at::Tensor& exp_avg_absmax,
                                           at::Tensor& exp_avg_sq_q, at::Tensor& exp_avg_sq_absmax,
@@ -73,6 +94,7 @@ at::Tensor adamw_step_8bit_blockwise_cuda(at::Tensor& param, const at::Tensor& g
 
 TORCH_LIBRARY_IMPL(qlora_ext, CUDA, m) {
   m.impl("adamw_step_32bit", &adamw_step_32bit_cuda);
+  m.impl("adamw_step_32bit_multi", &adamw_step_32bit_multi_cuda);
   m.impl("adamw_step_8bit_blockwise", &adamw_step_8bit_blockwise_cuda);
 }
 

@@ -415,6 +415,47 @@ def test_nonfinite_found_anywhere_on_every_isa(cpu_isa, dtype, where):
         assert all(torch.equal(a, b) for a, b in zip(st, st0, strict=True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_tensor_op_equals_per_tensor_op(device):
+    # Sizes on both sides of the one-thread-per-tensor limit (2^20), mixed dtypes, a bad
+    # gradient in one tensor only: that tensor is untouched, every other one bit-equal to the
+    # single-tensor op, each with its own step.
+    sizes = [5, 70_000, 3 * 2**19 + 3, 1000]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16]
+    ps = [torch.randn(n, device=device).to(dt) for n, dt in zip(sizes, dtypes, strict=True)]
+    gs = [torch.randn_like(p) for p in ps]
+    gs[3][17] = float("nan")
+    ms = [torch.randn(n, device=device) * 1e-2 for n in sizes]
+    vs = [torch.rand(n, device=device) * 1e-4 for n in sizes]
+    steps = [1, 4, 2, 7]
+    args = (1e-3, 0.9, 0.999, 1e-8, 1e-2)
+    multi = [[t.clone() for t in ts] for ts in (ps, ms, vs)]
+    counts = ops.adamw_step_32bit_multi(*multi[:1], gs, *multi[1:], steps, *args)
+    assert counts.tolist() == [0, 0, 0, 1]
+    for i in range(4):
+        p, m, v = ps[i].clone(), ms[i].clone(), vs[i].clone()
+        assert int(ops.adamw_step_32bit(p, gs[i], m, v, steps[i], *args)) == (i == 3)
+        for got, want in zip((multi[0][i], multi[1][i], multi[2][i]), (p, m, v), strict=True):
+            assert torch.equal(got, want), i
+    assert torch.equal(multi[0][3], ps[3])  # skipped: untouched
+    torch.library.opcheck(
+        ops.adamw_step_32bit_multi,
+        ([p.clone() for p in ps[:2]], gs[:2], [m.clone() for m in ms[:2]],
+         [v.clone() for v in vs[:2]], steps[:2], *args),
+    )  # fmt: skip
+
+
+def test_multi_tensor_op_errors_name_the_tensor():
+    p, g, m, v = torch.randn(10), torch.randn(10), torch.zeros(10), torch.zeros(10)
+    args = (1e-3, 0.9, 0.999, 1e-8, 0.0)
+    with pytest.raises(RuntimeError, match="must have the same length"):
+        ops.adamw_step_32bit_multi([p, p], [g], [m, m], [v, v], [1, 1], *args)
+    with pytest.raises(RuntimeError, match="tensor 1 of the lists: exp_avg_sq has 9 elements"):
+        ops.adamw_step_32bit_multi([p, p], [g, g], [m, m], [v, v[:9]], [1, 1], *args)
+    with pytest.raises(RuntimeError, match="tensor 0 of the lists: step must be >= 1"):
+        ops.adamw_step_32bit_multi([p], [g], [m], [v], [0], *args)
+
+
 def test_bad_options_raise():
     params = [nn.Parameter(torch.randn(4))]
     with pytest.raises(ValueError, match="amsgrad=True is not supported"):

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../optim_checks.h"
 #include "../optim_math.h"
@@ -390,6 +391,60 @@ at::Tensor adamw_step_32bit_cpu(at::Tensor& param, const at::Tensor& grad, at::T
   return at::scalar_tensor(bad, param.options().dtype(at::kLong));
 }
 
+// Tensors up to this size are updated whole by one thread (check then update, no barrier),
+// several at once; larger ones are shared by all threads as in check_then_update.
+constexpr int64_t kOwnedNumel = int64_t(1) << 20;
+
+at::Tensor adamw_step_32bit_multi_cpu(at::TensorList params, at::TensorList grads,
+                                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                      at::IntArrayRef steps, double lr, double beta1, double beta2,
+                                      double eps, double weight_decay) {
+  check_adamw_multi_args(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                         weight_decay);
+  const int64_t n = int64_t(params.size());
+  std::vector<at::Tensor> g(n);
+  std::vector<AdamWScalars> s(n);
+  std::vector<int64_t> owned, shared;
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = grads[i].contiguous();
+    s[i] = adamw_scalars(steps[i], lr, beta1, beta2, eps, weight_decay);
+    (params[i].numel() <= kOwnedNumel ? owned : shared).push_back(i);
+  }
+  const Isa isa = current_isa();
+  // Element range [lo, hi) of tensor i: its non-finite count, and the update when `update`.
+  auto count = [&](int64_t i, int64_t lo, int64_t hi) {
+    int64_t bad = 0;
+    dispatch_float(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      bad = count_nonfinite(g[i].const_data_ptr<T>(), lo, hi, isa);
+    });
+    return bad;
+  };
+  auto update = [&](int64_t i, int64_t lo, int64_t hi) {
+    dispatch_float(params[i].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      adamw_32bit_range(params[i].data_ptr<T>(), g[i].const_data_ptr<T>(),
+                        exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(), lo, hi,
+                        s[i], isa);
+    });
+  };
+  at::Tensor result = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* bad = result.data_ptr<int64_t>();
+  for (const int64_t i : shared) {  // each shared tensor: one parallel region as the single op
+    bad[i] = check_then_update(
+        params[i].numel(), 1, [&](int64_t lo, int64_t hi) { return count(i, lo, hi); },
+        [&](int64_t lo, int64_t hi) { update(i, lo, hi); });
+  }
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t j = 0; j < int64_t(owned.size()); ++j) {
+    const int64_t i = owned[j], numel = params[i].numel();
+    bad[i] = count(i, 0, numel);
+    if (bad[i] == 0) update(i, 0, numel);
+  }
+  return result;
+}
+
 at::Tensor adamw_step_8bit_blockwise_cpu(at::Tensor& param, const at::Tensor& grad,
                                          at::Tensor& exp_avg_q, at::Tensor& exp_avg_absmax,
                                          at::Tensor& exp_avg_sq_q, at::Tensor& exp_avg_sq_absmax,
@@ -425,6 +480,7 @@ at::Tensor adamw_step_8bit_blockwise_cpu(at::Tensor& param, const at::Tensor& gr
 
 TORCH_LIBRARY_IMPL(qlora_ext, CPU, m) {
   m.impl("adamw_step_32bit", &adamw_step_32bit_cpu);
+  m.impl("adamw_step_32bit_multi", &adamw_step_32bit_multi_cpu);
   m.impl("adamw_step_8bit_blockwise", &adamw_step_8bit_blockwise_cpu);
 }
 

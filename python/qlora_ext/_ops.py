@@ -381,6 +381,21 @@ def _(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_deca
     return param.new_empty((), dtype=torch.int64)
 
 
+@torch.library.register_fake("qlora_ext::adamw_step_32bit_multi")
+def _(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, weight_decay):
+    n = len(params)
+    torch._check(
+        len(grads) == n and len(exp_avgs) == n and len(exp_avg_sqs) == n and len(steps) == n,
+        lambda: "params, grads, exp_avgs, exp_avg_sqs and steps must have the same length",
+    )
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        _check_adamw(p, g, step, lr, beta1, beta2, eps, weight_decay)
+        _check_state(m, "exp_avg", torch.float32, p.numel())
+        _check_state(v, "exp_avg_sq", torch.float32, p.numel())
+    device = params[0].device if n else torch.device("cpu")
+    return torch.empty((n,), dtype=torch.int64, device=device)
+
+
 @torch.library.register_fake("qlora_ext::adamw_step_8bit_blockwise")
 def _(
     param,
