@@ -24,8 +24,8 @@ def time_fn(
 ) -> float:
     """Median seconds per call. CUDA work is timed with events, so launch latency and the host
     clock are out of it; CPU work with perf_counter. Warm-up runs for `warmup` seconds (at least
-    twice): the first large allocations of a process are slower while the kernel assembles
-    huge pages."""
+    twice): the first large allocations of a process pay page faults that later ones, reusing
+    freed memory, do not."""
     t_end = time.perf_counter() + warmup
     for i in range(1000):
         fn()

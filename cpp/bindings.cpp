@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "cpu/cpu_alloc.h"
 #include "cpu/cpu_isa.h"
 #include "gemm_path.h"
 #include "paged.h"
@@ -38,5 +39,8 @@ PYBIND11_MODULE(_C, m) {
         "Force the 4-bit GEMM onto 'small' (streaming, M <= 16), 'tc' (CUDA tensor cores, "
         "16-bit A) or 'panel' (dequantize panels + BLAS) where the path applies; 'auto' "
         "restores the heuristic.");
+  m.def("empty_cpu_cache", &qlora_ext::cpu::empty_large_cache_clear,
+        "Free the cached blocks behind large CPU outputs (Note [Large CPU outputs]); returns "
+        "the bytes released.");
   qlora_ext::paged::register_bindings(m);
 }

@@ -223,3 +223,22 @@ def test_double_quant_overhead_bits():
     bits_dq = (dq.absmax.numel() * 8 + dq.state2.absmax.numel() * 32) / w.numel()
     assert bits_plain == 0.5
     assert abs(bits_dq - 0.127) < 0.001
+
+
+def test_large_outputs_reuse_cached_blocks_correctly():
+    # Outputs of 32 MB and more reuse the blocks of freed ones (Note [Large CPU outputs]): a
+    # reused block must hold exactly the new result, never the old one.
+    qlora_ext._C.empty_cpu_cache()
+    a, b = torch.randn(4096, 2048), torch.randn(4096, 2048)  # 32 MB fp32 each
+    pa, sa = qlora_ext.quantize_4bit(a, 64, "nf4", True)
+    pb, sb = qlora_ext.quantize_4bit(b, 64, "fp4", False)
+    first = qlora_ext.dequantize_4bit(pa, sa)
+    ptr, want_a = first.data_ptr(), first.clone()
+    del first
+    second = qlora_ext.dequantize_4bit(pb, sb)
+    assert second.data_ptr() == ptr  # the freed block came back
+    torch.testing.assert_close(second, qlora_ext.dequantize_4bit(pb.clone(), sb), rtol=0, atol=0)
+    assert not torch.equal(second, want_a)
+    del second
+    assert qlora_ext._C.empty_cpu_cache() >= 32 << 20
+    assert qlora_ext._C.empty_cpu_cache() == 0

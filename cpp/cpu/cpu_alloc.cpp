@@ -2,40 +2,104 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
-#include <sys/mman.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace qlora_ext::cpu {
 namespace {
 
-constexpr size_t kHugePage = size_t(2) << 20;
-// Below this, 4 KB pages: with the kernel's defrag=madvise policy a huge-page fault may compact
-// memory synchronously, and for the 8 MB packed output of a 4096x4096 quantize in a fresh
-// process that measured slower (about 24 ms against 9 ms) than plain 4 KB faults.
-constexpr size_t kHugeMin = size_t(32) << 20;
+// Blocks are 2 MB-aligned multiples of 2 MB, so a system with transparent huge pages always
+// on can back them with huge pages; below kCachedMin, torch's allocator.
+constexpr size_t kAlign = size_t(2) << 20;
+constexpr size_t kCachedMin = size_t(32) << 20;
+constexpr size_t kCachedBlocks = 4;
+constexpr size_t kCachedBytes = size_t(1) << 30;
 
-void free_huge(void* p) { std::free(p); }
+struct Block {
+  void* ptr;
+  size_t bytes;  // a multiple of kAlign
+};
 
-class HugePageAllocator final : public c10::Allocator {
+// The free blocks (Note [Large CPU outputs]). Never destroyed: a tensor may be freed during
+// static destruction, after a static cache would be gone.
+class BlockCache {
+ public:
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (free_[i].bytes == bytes) {
+        void* p = free_[i].ptr;
+        cached_ -= bytes;
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        return p;
+      }
+    }
+    return nullptr;
+  }
+  void give(Block b) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_.size() < kCachedBlocks && cached_ + b.bytes <= kCachedBytes) {
+        free_.push_back(b);
+        cached_ += b.bytes;
+        return;
+      }
+    }
+    std::free(b.ptr);
+  }
+  size_t clear() {
+    std::vector<Block> blocks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      blocks.swap(free_);
+      cached_ = 0;
+    }
+    size_t bytes = 0;
+    for (const Block& b : blocks) {
+      bytes += b.bytes;
+      std::free(b.ptr);
+    }
+    return bytes;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<Block> free_;
+  size_t cached_ = 0;
+};
+
+BlockCache& cache() {
+  static BlockCache* c = new BlockCache();
+  return *c;
+}
+
+void release(void* ctx) {
+  Block* b = static_cast<Block*>(ctx);
+  cache().give(*b);
+  delete b;
+}
+
+class CachingAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kHugeMin) return c10::GetCPUAllocator()->allocate(nbytes);
-    void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, kHugePage, nbytes) == 0 && p != nullptr,
-                "qlora_ext: out of CPU memory allocating ", nbytes, " bytes");
-#ifdef MADV_HUGEPAGE
-    madvise(p, nbytes, MADV_HUGEPAGE);  // advisory: failure just means 4 KB pages
-#endif
-    return {p, p, &free_huge, c10::Device(c10::DeviceType::CPU)};
+    if (nbytes < kCachedMin) return c10::GetCPUAllocator()->allocate(nbytes);
+    const size_t bytes = (nbytes + kAlign - 1) / kAlign * kAlign;
+    void* p = cache().take(bytes);
+    if (p == nullptr) {
+      TORCH_CHECK(posix_memalign(&p, kAlign, bytes) == 0 && p != nullptr,
+                  "qlora_ext: out of CPU memory allocating ", bytes, " bytes");
+    }
+    return {p, new Block{p, bytes}, &release, c10::Device(c10::DeviceType::CPU)};
   }
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     std::memcpy(dest, src, count);
   }
 };
 
-HugePageAllocator g_allocator;
+CachingAllocator g_allocator;
 
 }  // namespace
 
@@ -43,5 +107,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_generic(sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    dtype, std::nullopt);
 }
+
+size_t empty_large_cache_clear() { return cache().clear(); }
 
 }  // namespace qlora_ext::cpu

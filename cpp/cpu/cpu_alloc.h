@@ -1,16 +1,25 @@
-// Note [Huge-page outputs]: a dequantized 4096x4096 fp32 weight is 64 MB of freshly mapped
-// memory, and on Linux the first write to each 4 KB page faults. Those faults cost as much as
-// the kernel itself (16 ms of 18 ms measured here). Large CPU outputs are therefore allocated
-// 2 MB-aligned and madvise(MADV_HUGEPAGE)d, so the kernel takes one fault per 2 MB instead of
-// per 4 KB (torch does the same for all tensors under THP_MEM_ALLOC_ENABLE=1). Where
-// transparent huge pages are off, madvise is a no-op and nothing changes.
+// Note [Large CPU outputs]: a dequantized 4096x4096 fp32 weight is 64 MB of freshly mapped
+// memory, and on Linux the first write to each 4 KB page faults: 14 ms of faults against a
+// 1.6 ms kernel, measured here. madvise(MADV_HUGEPAGE) cut the faults to one per 2 MB, but
+// under the usual defrag=madvise policy such a fault may compact memory synchronously, and
+// once memory was fragmented that happened on fresh mappings again and again (single 64 MB
+// dequantizes of 60-190 ms in a long benchmark run). So large outputs use plain pages, and
+// their blocks, once freed, are kept already faulted in and handed to the next output of the
+// same size: repeated dequantizes of one shape (benchmarks, merging layer by layer) pay the
+// faults once, and no call ever waits on compaction. The cache holds at most kCachedBlocks
+// blocks and kCachedBytes bytes; qlora_ext._C.empty_cpu_cache() frees it.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
+
 namespace qlora_ext::cpu {
 
-// at::empty on the CPU, backed by huge pages when the tensor is at least 32 MB.
+// at::empty on the CPU, from the block cache when the tensor is >= 32 MB.
 at::Tensor empty_large(at::IntArrayRef sizes, at::ScalarType dtype);
+
+// Frees every cached block; returns the bytes released.
+size_t empty_large_cache_clear();
 
 }  // namespace qlora_ext::cpu

@@ -200,7 +200,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   if (nested_absmax) na = nested_absmax->contiguous();
   if (nested_code) nc = nested_code->contiguous();
   if (nested_offset) no = nested_offset->contiguous();
-  auto out = empty_large(shape, dtype);  // Note [Huge-page outputs]
+  auto out = empty_large(shape, dtype);  // Note [Large CPU outputs]
   const int64_t n = out.numel();
   const AbsmaxSource src = absmax_source(am, na, nc, no, nested_blocksize);
   dispatch_float(dtype, [&](auto tag) {
