@@ -255,6 +255,59 @@ constexpr RowsPlanesFn kRowsPlanes[kMaxMT][2] = {
     {&rows_planes_avx512<7, 1>, &rows_planes_avx512<7, 2>},
     {&rows_planes_avx512<8, 1>, &rows_planes_avx512<8, 2>},
 };
+
+// Note [Fused input gradient]: grad_A = G @ dequant(W) for M <= kGradSmallM (the backward of
+// decode-size batches), the forward's decode in reverse: each row n of W is decoded chunk by
+// chunk exactly as in rows_planes_avx512 and added, times G[m, n], into grad_A's rows kept in
+// the same nibble-plane order (one FMA per 16 weights and row of G, the block scale folded
+// into G[m, n] once per chunk). The panel path wrote and re-read 4 bytes per weight instead.
+// acc[m * lda + 128 (c - c0) + 16t + j] += sum over this call's rows n of g[n * M + m] * w,
+// for the thread's chunks [c0, c1) of every row n0 <= n < n1.
+template <int MT>
+QX_TARGET_AVX512 void grad_rows_planes_avx512(const float* g, int64_t n0, int64_t n1,
+                                              const uint8_t* packed, int64_t K, int64_t c0,
+                                              int64_t c1, const float* scales, int64_t sstride,
+                                              int64_t blocksize, const float* table, float* acc,
+                                              int64_t lda) {
+  const __m512 lut = _mm512_loadu_ps(table);
+  const int bs_log2 = __builtin_ctzll(uint64_t(blocksize));
+  const __m512i lane_idx = _mm512_srlv_epi32(
+      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
+      _mm512_set1_epi32(bs_log2));
+  const int64_t b0 = (c0 * kChunk) >> bs_log2;  // scales[.] holds blocks from b0 on
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = packed + n * (K / 2);
+    const float* sc = scales + (n - n0) * sstride;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k = c * kChunk, bytes = std::min<int64_t>(64, (K - k) / 2);
+      const __mmask16 lanes = bytes == 64 ? __mmask16(0xFFFF) : __mmask16((1u << (bytes / 4)) - 1);
+      _mm_prefetch(reinterpret_cast<const char*>(wrow + k / 2 + K / 2), _MM_HINT_T0);  // row n+1
+      __m512i v = _mm512_maskz_loadu_epi32(lanes, wrow + k / 2);
+      const __m512 sv = _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(sc + (k >> bs_log2) - b0));
+      __m512 gs[MT];
+#pragma GCC unroll 16
+      for (int m = 0; m < MT; ++m) gs[m] = _mm512_mul_ps(_mm512_set1_ps(g[n * MT + m]), sv);
+      float* a = acc + (c - c0) * kChunk;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        const __m512 w = _mm512_permutexvar_ps(v, lut);
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) {
+          float* dst = a + m * lda + 16 * t;
+          _mm512_store_ps(dst, _mm512_fmadd_ps(gs[m], w, _mm512_load_ps(dst)));
+        }
+        v = _mm512_srli_epi32(v, 4);
+      }
+    }
+  }
+}
+
+using GradRowsFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, int64_t,
+                            int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
+constexpr int64_t kGradSmallM = 4;  // rows of grad_out; beyond, the panels (see the driver)
+constexpr GradRowsFn kGradRows[kGradSmallM] = {
+    &grad_rows_planes_avx512<1>, &grad_rows_planes_avx512<2>, &grad_rows_planes_avx512<3>,
+    &grad_rows_planes_avx512<4>};
 #endif
 
 struct Weight4 {
@@ -314,6 +367,58 @@ void gemm_planes_avx512(const float* A32, int64_t M, const Weight4& W, const flo
           float sum = 0.0f;
           for (int l = 0; l < 16; ++l) sum += lanes[l];
           out[m * N + n0 + r] = from_f32<T>(sum + (bias ? bias[n0 + r] : 0.f));
+        }
+      }
+    }
+  });
+}
+#endif
+
+#if QX_X86
+// grad_A [M, K] = G [M, N] @ dequant(W) for M <= kGradSmallM (Note [Fused input gradient]).
+// Each thread owns a range of 128-element chunks of K and walks every row of W over it, so
+// every weight byte is read once and no two threads write the same output. Rows are summed in
+// groups of kRowGroup into a second buffer that is then added to the total: one running sum
+// over N = 11008 rows would have several times the rounding error of torch's blocked GEMM.
+// The M planes of a thread's range stay in L1/L2 (M x K / threads x 4 bytes).
+template <typename T>
+void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* out) {
+  constexpr int64_t kRowGroup = 64;
+  const int64_t K = W.K, N = W.N, bs = W.blocksize, kblocks = K / bs;
+  const int64_t chunks = ceil_div(K, kChunk);
+  std::vector<float> Gt(N * M);  // [n][m]: one row of W meets its M gradients in one line
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) Gt[n * M + m] = G32[m * N + n];
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
+  const GradRowsFn fn = kGradRows[M - 1];
+  at::parallel_for(0, chunks, ceil_div(chunks, threads), [&](int64_t c0, int64_t c1) {
+    const int64_t lda = (c1 - c0) * kChunk + 16;  // +1 line: the rows' planes in different sets
+    const int64_t b0 = (c0 * kChunk) / bs, b1 = std::min(kblocks, ceil_div(c1 * kChunk, bs));
+    const int64_t sstride = (b1 - b0) + 16;
+    std::vector<float> buf(2 * M * lda + 16), scales(kRowGroup * sstride, 0.0f);
+    float* total = buf.data() + (16 - (reinterpret_cast<uintptr_t>(buf.data()) / 4) % 16) % 16;
+    float* group = total + M * lda;
+    std::fill(total, total + 2 * M * lda, 0.0f);
+    for (int64_t n0 = 0; n0 < N; n0 += kRowGroup) {
+      const int64_t n1 = std::min(N, n0 + kRowGroup);
+      for (int64_t n = n0; n < n1; ++n) {
+        block_scales(W.src, n * kblocks + b0, b1 - b0, scales.data() + (n - n0) * sstride);
+      }
+      fn(Gt.data(), n0, n1, W.packed, K, c0, c1, scales.data(), sstride, bs, W.code.value, group,
+         lda);
+      for (int64_t i = 0; i < M * lda; ++i) {
+        total[i] += group[i];
+        group[i] = 0.0f;
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {  // back from planes to element order
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int t = 0; t < 8; ++t) {
+          for (int j = 0; j < 16; ++j) {
+            const int64_t k = c * kChunk + 8 * j + (t ^ 1);
+            if (k < K)
+              out[m * K + k] = from_f32<T>(total[m * lda + (c - c0) * kChunk + 16 * t + j]);
+          }
         }
       }
     }
@@ -453,6 +558,18 @@ at::Tensor gemm_4bit_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
   const at::Tensor G = grad_out.reshape({-1, N}).contiguous();
   const int64_t M = G.size(0);
   const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+#if QX_X86
+  if (M > 0 && M <= kGradSmallM && acc == at::kFloat && current_isa() == Isa::Avx512 &&
+      gemm_path() != GemmPath::Panel) {
+    const at::Tensor G32 = G.to(at::kFloat).contiguous();
+    at::Tensor grad_A = at::empty({M, K}, grad_out.options());
+    dispatch_float(grad_out.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      grad_input_planes_avx512<T>(G32.const_data_ptr<float>(), M, W, grad_A.data_ptr<T>());
+    });
+    return grad_A.view(gemm_out_shape(grad_out, K));
+  }
+#endif
   at::Tensor grad_A = at::zeros({M, K}, grad_out.options().dtype(acc));
   if (M > 0) {
     // grad_A = sum over panels of G[:, panel] @ W[panel, :]: each panel is read once, and the
