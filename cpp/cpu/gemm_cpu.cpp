@@ -304,7 +304,10 @@ QX_TARGET_AVX512 void grad_rows_planes_avx512(const float* g, int64_t n0, int64_
 
 using GradRowsFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, int64_t,
                             int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t);
-constexpr int64_t kGradSmallM = 4;  // rows of grad_out; beyond, the panels (see the driver)
+// Rows of grad_out; beyond, the panels. The accumulators are M planes of the thread's K range
+// in memory, a load and a store per FMA: measured on 4096x4096, 0.33x dense at M = 4 but
+// 1.12x at 8 and 3.2x at 16 (L2-bound), where the panels take 0.92x and 1.18x.
+constexpr int64_t kGradSmallM = 4;
 constexpr GradRowsFn kGradRows[kGradSmallM] = {
     &grad_rows_planes_avx512<1>, &grad_rows_planes_avx512<2>, &grad_rows_planes_avx512<3>,
     &grad_rows_planes_avx512<4>};
