@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 from _common import markdown_table, write_json, write_section
@@ -68,15 +70,53 @@ def round_trip(model, quant_type, blocksize, double_quant, use_bnb=False):
     return m
 
 
+PNG = Path(__file__).with_name("exp_datatypes.png")
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    """Perplexity per configuration, ours as bars and bitsandbytes' as markers on them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    names = [r["config"] for r in rows]
+    ppl = [r["perplexity"] for r in rows]
+    ax.bar(range(len(rows)), ppl, color=["#888888"] + ["#3b6ea5"] * (len(rows) - 1))
+    for i, r in enumerate(rows):
+        ax.annotate(f"{ppl[i]:.2f}", (i, ppl[i]), ha="center", va="bottom", fontsize=7)
+        if "bnb_perplexity" in r:
+            ax.plot(
+                i,
+                r["bnb_perplexity"],
+                "x",
+                color="#c0392b",
+                label="bitsandbytes" if i == 1 else None,
+            )
+    ax.set_xticks(range(len(rows)), names, fontsize=7)
+    ax.set(ylabel="perplexity (lower is better)", ylim=(0, max(ppl) * 1.15))
+    ax.set_title("SmolLM2-135M after 4-bit round trips of every linear layer", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print("wrote", png)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
     ap.add_argument("--bnb", action="store_true", help="also run NF4/FP4 through bitsandbytes")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=str(PNG), help="the plot (default: %(default)s)")
+    ap.add_argument("--plot-only", default=None, help="only re-plot the rows of an earlier --json")
     ap.add_argument("--no-results", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated config names (default: all)")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.png))
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load_model(None, torch.float32, "cpu")
     model.eval()
@@ -118,6 +158,7 @@ def main() -> None:
     md = markdown_table(["configuration", "perplexity (ours)", "perplexity (bitsandbytes)"], table)
     print(md)
     write_json(args.json, rows)
+    plot(rows, Path(args.png))
     if not args.no_results:
         write_section(
             "exp_datatypes",
@@ -125,7 +166,7 @@ def main() -> None:
             md,
             "cpu",
             f"SmolLM2-135M-Instruct, {ids.numel()} tokens of {args.text}, "
-            f"windows of {args.ctx} tokens. {verdict}",
+            f"windows of {args.ctx} tokens. {verdict} Plot: `{Path(args.png).name}`.",
         )
 
 
