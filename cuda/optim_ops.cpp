@@ -19,12 +19,10 @@ unsigned long long* counter_ptr(at::Tensor& c) {
   return reinterpret_cast<unsigned long long*>(c.data_ptr<int64_t>());
 }
 
-at::Tensor adamw_step_32bit_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
-                                 at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1,
-                                 double beta2, double eps, double weight_decay) {
-  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
-  check_state(exp_avg, "exp_avg", at::kFloat, param.numel(), param);
-  check_state(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel(), param);
+// One tensor's count and update kernels on the current stream, arguments already checked.
+at::Tensor adamw_32bit_launch(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                              at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1,
+                              double beta2, double eps, double weight_decay) {
   const c10::cuda::CUDAGuard guard(param.device());
   const at::Tensor g = grad.contiguous();
   auto skipped = at::zeros({}, param.options().dtype(at::kLong));
@@ -42,6 +40,16 @@ at::Tensor adamw_step_32bit_cuda(at::Tensor& param, const at::Tensor& grad, at::
   return skipped;
 }
 
+at::Tensor adamw_step_32bit_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                                 at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1,
+                                 double beta2, double eps, double weight_decay) {
+  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
+  check_state(exp_avg, "exp_avg", at::kFloat, param.numel(), param);
+  check_state(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel(), param);
+  return adamw_32bit_launch(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+                            weight_decay);
+}
+
 // One launch pair per tensor for now (a multi-tensor-apply kernel is future work); the call
 // still saves the per-op dispatch of hundreds of small adapter tensors.
 at::Tensor adamw_step_32bit_multi_cuda(at::TensorList params, at::TensorList grads,
@@ -50,13 +58,12 @@ at::Tensor adamw_step_32bit_multi_cuda(at::TensorList params, at::TensorList gra
                                        double eps, double weight_decay) {
   check_adamw_multi_args(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
                          weight_decay);
-  if (params.empty()) return at::zeros({0}, at::TensorOptions().dtype(at::kLong));
-  std::vector<at::Tensor> counts;
+  std::vector<at::Tensor> counts;  // the dispatcher never brings empty lists here
   counts.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     at::Tensor p = params[i], m = exp_avgs[i], v = exp_avg_sqs[i];
     counts.push_back(
-        adamw_step_32bit_cuda(p, grads[i], m, v, steps[i], lr, beta1, beta2, eps, weight_decay));
+        adamw_32bit_launch(p, grads[i], m, v, steps[i], lr, beta1, beta2, eps, weight_decay));
   }
   return at::stack(counts);
 }

@@ -133,6 +133,24 @@ void permute_rows(const float* A, int64_t M, int64_t K, float* Ap, int64_t ldp) 
   }
 }
 
+// Lane j of a chunk belongs to block (128c + 8j) / blocksize; blocksizes are powers of two
+// >= 32, so that is the chunk's first block plus (8j) >> bs_log2: the permute index that
+// spreads a chunk's block scales over its lanes.
+QX_TARGET_AVX512 inline __m512i lane_blocks(int bs_log2) {
+  return _mm512_srlv_epi32(
+      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
+      _mm512_set1_epi32(bs_log2));
+}
+
+// The 64 packed bytes of the chunk starting at element k of a row of K. K is a whole number of
+// >= 32-element blocks, so a short last chunk is whole dwords; its missing lanes read as code
+// 0, which meets zero planes of A (or is never written back) and adds nothing.
+QX_TARGET_AVX512 inline __m512i load_chunk(const uint8_t* wrow, int64_t K, int64_t k) {
+  const int64_t bytes = std::min<int64_t>(64, (K - k) / 2);
+  const __mmask16 lanes = bytes == 64 ? __mmask16(0xFFFF) : __mmask16((1u << (bytes / 4)) - 1);
+  return _mm512_maskz_loadu_epi32(lanes, wrow + k / 2);
+}
+
 // For MT rows of A (planes, leading dimension ldp) and R rows of W over chunks [c0, c1):
 // part[r * pstride + 16m ...+16) += the 16 lane sums of row r of W times row m of A, kept as
 // vectors so a K tile costs two memory operations per output instead of a horizontal
@@ -151,12 +169,8 @@ QX_TARGET_AVX512 void rows_planes_avx512(const float* Ap, int64_t ldp, const uin
   static_assert(MT == 1 ? R == 1 : R <= 2, "one row of A streams one row of W at a time");
   constexpr int kAcc = MT <= 4 ? 2 : 1;
   const __m512 lut = _mm512_loadu_ps(table);
-  // Lane j of a chunk belongs to block (128c + 8j) / blocksize; blocksizes are powers of two
-  // >= 32, so that is the chunk's first block plus 8j / blocksize.
   const int bs_log2 = __builtin_ctzll(uint64_t(blocksize));  // not a 64-bit divide per chunk
-  const __m512i lane_idx = _mm512_srlv_epi32(
-      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
-      _mm512_set1_epi32(bs_log2));
+  const __m512i lane_idx = lane_blocks(bs_log2);
   // Fully unrolled (the pragmas): acc is indexed by loop counters and must live in registers.
   __m512 acc[R][MT][kAcc];
 #pragma GCC unroll 2
@@ -169,14 +183,12 @@ QX_TARGET_AVX512 void rows_planes_avx512(const float* Ap, int64_t ldp, const uin
     }
   }
   for (int64_t c = c0; c < c1; ++c) {
-    const int64_t k = c * kChunk, bytes = std::min<int64_t>(64, (K - k) / 2);
-    // K is a whole number of >= 32-element blocks, so a short last chunk is whole dwords.
-    const __mmask16 lanes = bytes == 64 ? __mmask16(0xFFFF) : __mmask16((1u << (bytes / 4)) - 1);
+    const int64_t k = c * kChunk;
     __m512i v[R];
     __m512 sv[R];
 #pragma GCC unroll 2
     for (int r = 0; r < R; ++r) {
-      v[r] = _mm512_maskz_loadu_epi32(lanes, wrow + r * wstride + k / 2);
+      v[r] = load_chunk(wrow + r * wstride, K, k);
       sv[r] =
           _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(scales + r * sstride + (k >> bs_log2)));
     }
@@ -271,18 +283,15 @@ QX_TARGET_AVX512 void grad_rows_planes_avx512(const float* g, int64_t n0, int64_
                                               int64_t lda) {
   const __m512 lut = _mm512_loadu_ps(table);
   const int bs_log2 = __builtin_ctzll(uint64_t(blocksize));
-  const __m512i lane_idx = _mm512_srlv_epi32(
-      _mm512_slli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3),
-      _mm512_set1_epi32(bs_log2));
+  const __m512i lane_idx = lane_blocks(bs_log2);
   const int64_t b0 = (c0 * kChunk) >> bs_log2;  // scales[.] holds blocks from b0 on
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = packed + n * (K / 2);
     const float* sc = scales + (n - n0) * sstride;
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t k = c * kChunk, bytes = std::min<int64_t>(64, (K - k) / 2);
-      const __mmask16 lanes = bytes == 64 ? __mmask16(0xFFFF) : __mmask16((1u << (bytes / 4)) - 1);
+      const int64_t k = c * kChunk;
       _mm_prefetch(reinterpret_cast<const char*>(wrow + k / 2 + K / 2), _MM_HINT_T0);  // row n+1
-      __m512i v = _mm512_maskz_loadu_epi32(lanes, wrow + k / 2);
+      __m512i v = load_chunk(wrow, K, k);
       const __m512 sv = _mm512_permutexvar_ps(lane_idx, _mm512_loadu_ps(sc + (k >> bs_log2) - b0));
       __m512 gs[MT];
 #pragma GCC unroll 16

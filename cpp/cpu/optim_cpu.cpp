@@ -94,7 +94,8 @@ int64_t count_nonfinite(const T* g, int64_t lo, int64_t hi, Isa isa) {
 template <typename Check, typename Update>
 int64_t check_then_update(int64_t n, int64_t align, const Check& check, const Update& update) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), ceil_div(n, kGrain));
-  if (threads <= 1 || at::in_parallel_region()) {
+  // omp_in_parallel: also inside our own omp regions (the multi-tensor op's owned tensors).
+  if (threads <= 1 || at::in_parallel_region() || omp_in_parallel()) {
     const int64_t bad = check(0, n);
     if (bad == 0) update(0, n);
     return bad;
@@ -367,31 +368,38 @@ void adamw_8bit_range(T* p, const T* g, uint8_t* qm, float* am, uint8_t* qv, flo
   }
 }
 
-at::Tensor adamw_step_32bit_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
-                                at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1,
-                                double beta2, double eps, double weight_decay) {
-  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
-  check_state(exp_avg, "exp_avg", at::kFloat, param.numel(), param);
-  check_state(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel(), param);
-  const at::Tensor g = grad.contiguous();
-  const int64_t n = param.numel();
+// One tensor's 32-bit step (g contiguous, arguments checked): its non-finite count, and the
+// update over all threads when that is 0. Inside a parallel region it runs on the calling
+// thread (check_then_update).
+int64_t adamw_32bit_tensor(at::Tensor& param, const at::Tensor& g, at::Tensor& exp_avg,
+                           at::Tensor& exp_avg_sq, const AdamWScalars& s, Isa isa) {
   int64_t bad = 0;
   dispatch_float(param.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* gp = g.const_data_ptr<T>();
     T* pp = param.data_ptr<T>();
     float *m = exp_avg.data_ptr<float>(), *v = exp_avg_sq.data_ptr<float>();
-    const AdamWScalars s = adamw_scalars(step, lr, beta1, beta2, eps, weight_decay);
-    const Isa isa = current_isa();
     bad = check_then_update(
-        n, 1, [&](int64_t lo, int64_t hi) { return count_nonfinite(gp, lo, hi, isa); },
+        param.numel(), 1, [&](int64_t lo, int64_t hi) { return count_nonfinite(gp, lo, hi, isa); },
         [&](int64_t lo, int64_t hi) { adamw_32bit_range(pp, gp, m, v, lo, hi, s, isa); });
   });
+  return bad;
+}
+
+at::Tensor adamw_step_32bit_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                                at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1,
+                                double beta2, double eps, double weight_decay) {
+  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
+  check_state(exp_avg, "exp_avg", at::kFloat, param.numel(), param);
+  check_state(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel(), param);
+  const int64_t bad =
+      adamw_32bit_tensor(param, grad.contiguous(), exp_avg, exp_avg_sq,
+                         adamw_scalars(step, lr, beta1, beta2, eps, weight_decay), current_isa());
   return at::scalar_tensor(bad, param.options().dtype(at::kLong));
 }
 
 // Tensors up to this size are updated whole by one thread (check then update, no barrier),
-// several at once; larger ones are shared by all threads as in check_then_update.
+// several at once; larger ones are shared by all threads as in the single-tensor op.
 constexpr int64_t kOwnedNumel = int64_t(1) << 20;
 
 at::Tensor adamw_step_32bit_multi_cpu(at::TensorList params, at::TensorList grads,
@@ -401,46 +409,20 @@ at::Tensor adamw_step_32bit_multi_cpu(at::TensorList params, at::TensorList grad
   check_adamw_multi_args(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps,
                          weight_decay);
   const int64_t n = int64_t(params.size());
-  std::vector<at::Tensor> g(n);
-  std::vector<AdamWScalars> s(n);
-  std::vector<int64_t> owned, shared;
-  for (int64_t i = 0; i < n; ++i) {
-    g[i] = grads[i].contiguous();
-    s[i] = adamw_scalars(steps[i], lr, beta1, beta2, eps, weight_decay);
-    (params[i].numel() <= kOwnedNumel ? owned : shared).push_back(i);
-  }
   const Isa isa = current_isa();
-  // Element range [lo, hi) of tensor i: its non-finite count, and the update when `update`.
-  auto count = [&](int64_t i, int64_t lo, int64_t hi) {
-    int64_t bad = 0;
-    dispatch_float(params[i].scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      bad = count_nonfinite(g[i].const_data_ptr<T>(), lo, hi, isa);
-    });
-    return bad;
-  };
-  auto update = [&](int64_t i, int64_t lo, int64_t hi) {
-    dispatch_float(params[i].scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      adamw_32bit_range(params[i].data_ptr<T>(), g[i].const_data_ptr<T>(),
-                        exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(), lo, hi,
-                        s[i], isa);
-    });
-  };
+  std::vector<int64_t> owned, shared;
+  for (int64_t i = 0; i < n; ++i) (params[i].numel() <= kOwnedNumel ? owned : shared).push_back(i);
   at::Tensor result = at::zeros({n}, at::TensorOptions().dtype(at::kLong));
   int64_t* bad = result.data_ptr<int64_t>();
-  for (const int64_t i : shared) {  // each shared tensor: one parallel region as the single op
-    bad[i] = check_then_update(
-        params[i].numel(), 1, [&](int64_t lo, int64_t hi) { return count(i, lo, hi); },
-        [&](int64_t lo, int64_t hi) { update(i, lo, hi); });
-  }
+  auto step_tensor = [&](int64_t i) {
+    at::Tensor p = params[i], m = exp_avgs[i], v = exp_avg_sqs[i];
+    bad[i] = adamw_32bit_tensor(p, grads[i].contiguous(), m, v,
+                                adamw_scalars(steps[i], lr, beta1, beta2, eps, weight_decay), isa);
+  };
+  for (const int64_t i : shared) step_tensor(i);
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t j = 0; j < int64_t(owned.size()); ++j) {
-    const int64_t i = owned[j], numel = params[i].numel();
-    bad[i] = count(i, 0, numel);
-    if (bad[i] == 0) update(i, 0, numel);
-  }
+  for (int64_t j = 0; j < int64_t(owned.size()); ++j) step_tensor(owned[j]);
   return result;
 }
 
