@@ -19,6 +19,32 @@ import torch
 RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a notice) where matplotlib
+    is not installed: a plot is never worth losing a run's numbers."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# Weight shapes [N, K] of the models the issues name: LLaMA-7B, LLaMA-70B and SmolLM2-135M.
+LAYER_SHAPES = {
+    "llama7b-qkvo": (4096, 4096),
+    "llama7b-up": (11008, 4096),
+    "llama7b-down": (4096, 11008),
+    "llama70b-qkvo": (8192, 8192),
+    "llama70b-up": (28672, 8192),
+    "smollm2-qkvo": (576, 576),
+    "smollm2-up": (1536, 576),
+}
+
+
 def time_fn(
     fn, device: str, min_time: float = 0.5, min_runs: int = 5, warmup: float = 0.2
 ) -> float:

@@ -20,7 +20,7 @@ import warnings
 from functools import partial
 
 import torch
-from _common import markdown_table, time_fn, write_json, write_section
+from _common import LAYER_SHAPES, markdown_table, time_fn, write_json, write_section
 from torch import nn
 
 import qlora_ext
@@ -34,11 +34,7 @@ try:
 except Exception:  # optional baseline
     peft = None
 
-SHAPES = {
-    "llama7b-qkvo": (4096, 4096),
-    "llama7b-up": (11008, 4096),
-    "llama7b-down": (4096, 11008),
-}
+SHAPES = {k: v for k, v in LAYER_SHAPES.items() if k.startswith("llama7b")}
 MS = [512, 4096]
 CPU_DEFAULT = {"shapes": ["llama7b-qkvo", "llama7b-down"], "ms": [512]}
 R, ALPHA, DROPOUT = 16, 32, 0.05

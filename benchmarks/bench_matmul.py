@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import markdown_table, time_fn, write_json, write_section
+from _common import LAYER_SHAPES, markdown_table, pyplot, time_fn, write_json, write_section
 
 import qlora_ext
 
@@ -28,15 +28,7 @@ try:
 except Exception:  # optional baseline
     bnb = None
 
-SHAPES = {
-    "llama7b-qkvo": (4096, 4096),
-    "llama7b-up": (11008, 4096),
-    "llama7b-down": (4096, 11008),
-    "llama70b-qkvo": (8192, 8192),
-    "llama70b-up": (28672, 8192),
-    "smollm2-qkvo": (576, 576),
-    "smollm2-up": (1536, 576),
-}
+SHAPES = LAYER_SHAPES
 MS = [1, 4, 16, 64, 512, 4096]
 CPU_DEFAULT = {"shapes": ["llama7b-qkvo", "smollm2-up"], "ms": [1, 16, 512]}
 
@@ -160,12 +152,8 @@ def main() -> None:
     md = markdown_table(headers, table)
     print(md)
     write_json(args.json, rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name in shapes:
             sel = [r for r in rows if r["shape"] == name]
@@ -190,8 +178,6 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.png, dpi=110)
         print("wrote", args.png)
-    except ImportError:
-        print("matplotlib not installed: no plot")
     if not args.no_results:
         notes = (
             f"NF4, blocksize 64, double quantization, {str(dtype).replace('torch.', '')} "

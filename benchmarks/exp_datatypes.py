@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import markdown_table, write_json, write_section
+from _common import markdown_table, pyplot, write_json, write_section
 
 import qlora_ext
 from qlora_ext.models import load_model
@@ -75,13 +75,9 @@ PNG = Path(__file__).with_name("exp_datatypes.png")
 
 def plot(rows: list[dict], png: Path) -> None:
     """Perplexity per configuration, ours as bars and bitsandbytes' as markers on them."""
-    try:
-        import matplotlib
-    except ImportError:  # the numbers still go to RESULTS.md
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     names = [r["config"] for r in rows]

@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from _common import markdown_table, write_json, write_section
+from _common import markdown_table, pyplot, write_json, write_section
 
 from qlora_ext.train import TrainConfig, finetune
 
@@ -32,13 +32,9 @@ PNG = Path(__file__).with_name("exp_qlora_vs_lora.png")
 def plot(rows: list[dict], png: Path) -> None:
     """Held-out loss and exact match before/after per run, and the training loss curves when
     the rows carry them (runs from before they were recorded do not)."""
-    try:
-        import matplotlib
-    except ImportError:  # the numbers still go to RESULTS.md
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     curves = [r for r in rows if r.get("history")]
     fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(13 if curves else 9, 3.6))
