@@ -95,15 +95,15 @@ def test_small_m_cpu_kernels_odd_k(cpu_isa, quant_type, double_quant):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_small_m_cpu_grad_input_odd_k_long_n(cpu_isa, quant_type, double_quant):
     """The fused small-M input gradient (Note [Fused input gradient]) on every ISA: every M from
-    1 to 16 (one kernel each) and 17 (the panels), K ending in a partial chunk, blocksizes below
-    and above the chunk, and N = 4160 rows summed per output (where one running sum was 5x
-    torch's error), bf16 too."""
+    1 to 16 (one kernel each), groups of rows up to 64 and 65 (the panels), K ending in a
+    partial chunk, blocksizes below and above the chunk, and N = 4160 rows summed per output
+    (where one running sum was 5x torch's error), bf16 too."""
     cases = [(4160, 96, 32), (131, 576, 64), (77, 1280, 256), (40, 4160, 64)]
     for N, K, bs in cases:
         packed, state, w_hat = quantized(N, K, bs, quant_type, double_quant, "cpu")
         args = (packed.reshape(-1), state.absmax, N, K, bs, quant_type)
         nested = qlora_ext.functional._nested_args(state)
-        for M in range(1, 18):
+        for M in [*range(1, 18), 24, 33, 47, 64, 65]:
             for dtype in (torch.float32, torch.bfloat16):
                 G = torch.randn(M, N).to(dtype)
                 ref = R.gemm_4bit_grad_input(G, args[0], fp32_absmax(state), *args[2:])

@@ -303,7 +303,7 @@ constexpr RowsPlanesFn kRowsPlanes[kMaxMT][2] = {
 // an earlier kernel kept the sums in memory, a load and a store per FMA (L2-bound past M = 4).
 // Measured on 4096 x 4096 (bench_matmul's rotation): 0.31x / 0.26x / 0.38x / 0.53x dense at
 // M = 1 / 4 / 8 / 16, against 0.33x / 0.34x for the in-memory sums at M = 1 / 4 and 1.1x for
-// the panels at 8 and 16.
+// the panels at 8 and 16. Larger M runs in groups of up to 16 rows of G (kGradSmallM).
 //
 // For one chunk c and rows [0, rows) of W from wrow (wstride apart): total[m * lda + 16t + j]
 // += sum over the rows n of gt[n * ldg + m] * w_n[16t + j], where w_n is row n's chunk decoded
@@ -367,8 +367,11 @@ QX_TARGET_AVX512 void spread_scales(const float* scales, int64_t sstride, int64_
 
 using GradChunkFn = void (*)(const float*, int64_t, int64_t, const uint8_t*, int64_t, int64_t,
                              int64_t, const float*, const float*, float*, int64_t);
-constexpr int64_t kGradSmallM = 16;  // rows of grad_out; beyond, the panels
-constexpr GradChunkFn kGradChunk[kGradSmallM] = {
+constexpr int64_t kGradMaxMT = 16;  // rows of grad_out per kernel call
+// Rows of grad_out, in groups of <= 16 that each decode W again; beyond, the panels. On
+// 4096 x 4096: 0.81x / 0.94x / 1.08x dense at M = 32 / 48 / 64, the panels 1.1x / 1.14x / 1.14x.
+constexpr int64_t kGradSmallM = 64;
+constexpr GradChunkFn kGradChunk[kGradMaxMT] = {
     &grad_chunk_regs_avx512<1>,  &grad_chunk_regs_avx512<2>,  &grad_chunk_regs_avx512<3>,
     &grad_chunk_regs_avx512<4>,  &grad_chunk_regs_avx512<5>,  &grad_chunk_regs_avx512<6>,
     &grad_chunk_regs_avx512<7>,  &grad_chunk_regs_avx512<8>,  &grad_chunk_regs_avx512<9>,
@@ -399,7 +402,11 @@ void gemm_planes_avx512(const float* A32, int64_t M, const Weight4& W, const flo
   const int64_t K = W.K, N = W.N, bs = W.blocksize, kblocks = K / bs;
   const int64_t chunks = ceil_div(K, kChunk);
   const int64_t groups = ceil_div(M, kMaxMT), mt0 = ceil_div(M, groups);
-  const int64_t tile = std::max<int64_t>(1, (24 << 10) / (mt0 * kChunk * int64_t(sizeof(float))));
+  // K tiles of A's planes: 24 KB, half the L1; a whole K of up to 40 KB in one tile (one
+  // kernel call per row of W instead of two: 0.80x dense at M = 16 on 1536 x 576, not 0.88x).
+  const int64_t whole = mt0 * chunks * kChunk * int64_t(sizeof(float));
+  const int64_t tile =
+      whole <= (40 << 10) ? chunks : std::max<int64_t>(1, (24 << 10) / (whole / chunks));
   const int64_t ldp = M * kChunk;
   // 64-byte aligned: every operand load is one whole cache line, never a split load.
   std::vector<float> Ap_buf(chunks * ldp + 16);
@@ -459,7 +466,7 @@ void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* 
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) Gt[n * M + m] = G32[m * N + n];
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
-  const GradChunkFn fn = kGradChunk[M - 1];
+  const int64_t groups = ceil_div(M, kGradMaxMT), mt0 = ceil_div(M, groups);
   at::parallel_for(0, chunks, ceil_div(chunks, threads), [&](int64_t c0, int64_t c1) {
     const int64_t lda = (c1 - c0) * kChunk + 16;  // +1 line: the rows' planes in different sets
     const int64_t b0 = (c0 * kChunk) / bs, b1 = std::min(kblocks, ceil_div(c1 * kChunk, bs));
@@ -475,8 +482,11 @@ void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* 
       }
       for (int64_t c = c0; c < c1; ++c) {
         spread_scales(scales.data(), sstride, n1 - n0, c * kChunk, b0, bs, sv);
-        fn(Gt.data() + n0 * M, M, n1 - n0, W.packed + n0 * (K / 2), K / 2, K, c * kChunk, sv,
-           W.code.value, total + (c - c0) * kChunk, lda);
+        for (int64_t m0 = 0; m0 < M; m0 += mt0) {
+          kGradChunk[std::min(mt0, M - m0) - 1](
+              Gt.data() + n0 * M + m0, M, n1 - n0, W.packed + n0 * (K / 2), K / 2, K, c * kChunk,
+              sv, W.code.value, total + m0 * lda + (c - c0) * kChunk, lda);
+        }
       }
     }
     for (int64_t m = 0; m < M; ++m) {  // back from planes to element order
