@@ -19,7 +19,9 @@
 // split-K epilogue dots xa and B in fp32; the tensor-core kernel runs xa * scale and B as a few
 // more K steps into its fp32 accumulators (y rounded once); the panel path computes the
 // rank-r product (with the bias) into each panel of y first and the base cuBLAS GEMM adds onto
-// it through beta = 1.
+// it through beta = 1. That path rounds twice, the rank-r term (and the bias, in A's dtype)
+// when it is stored into y and then the sum: at most one more ulp of y's dtype than the fused
+// paths, which the CUDA tests' tolerances allow (test_cuda_lora_term_in_every_gemm_epilogue).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -1,6 +1,7 @@
 // CUDA half of the paged-memory helpers: cudaMallocManaged allocations handed to torch through
 // from_blob, and cudaMemPrefetchAsync with CUDA 13's cudaMemLocation. No kernels.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -47,8 +48,16 @@ at::Tensor managed_empty_cuda(at::IntArrayRef shape, const at::Tensor& like, int
   // Managed memory can oversubscribe the GPU, but the optimizer states are meant to live there
   // between page-ins; asking for more than what is free (less the caller's margin for
   // activations) would only thrash, so it is refused with the numbers.
+  // PyTorch's caching allocator may hold much of the card in blocks it is not using (the
+  // states are created in step(), right after backward): driver-free memory leaves them out, so
+  // before refusing, the cache is handed back and free memory read again.
   const size_t margin = size_t(margin_bytes);
-  const size_t allowed = free_b > margin ? free_b - margin : 0;
+  size_t allowed = free_b > margin ? free_b - margin : 0;
+  if (bytes > allowed) {
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    check_cuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    allowed = free_b > margin ? free_b - margin : 0;
+  }
   TORCH_CHECK(bytes <= allowed, "paged allocation of ", bytes, " bytes (shape ", shape,
               ") exceeds the free GPU memory of device ", like.device().index(), " (", free_b,
               " bytes) minus margin_bytes (", margin_bytes,
