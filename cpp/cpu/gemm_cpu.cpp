@@ -658,11 +658,11 @@ at::Tensor gemm_4bit_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
     // M = 512 on 4096 x 4096: the strided per-row dequantization cost more than the
     // accumulator's traffic, which stays in the L3.)
     const at::Tensor G32 = G.to(acc);
-    // 4 MB: each panel's product is summed into all of grad_A, which smaller panels re-read
-    // more often, but a 4 MB panel mostly stays in the two L2s: at M = 512 on 4096 x 4096 the
-    // backward took 1.00-1.07x dense against 1.04-1.08x with 8 MB (three runs each), 1.09x and
-    // 1.25x with 16 and 32 MB.
-    const int64_t rows = panel_rows(N, K, sizeof(float), int64_t(4) << 20);
+    // At most 8 MB and 256 rows. Each panel's product is summed into all of grad_A, so panels
+    // too short re-read it too often (4096 x 11008 at M = 512: 80-row 4 MB panels took 1.12x
+    // dense, 176-row 8 MB ones 0.95-0.98x), and 512-row 8 MB panels at K = 4096 took 1.04-1.08x
+    // against 256-row ones' 1.00-1.05x (three runs each; the spread is this machine's noise).
+    const int64_t rows = std::min<int64_t>(256, panel_rows(N, K, sizeof(float), int64_t(8) << 20));
     at::Tensor panel = at::empty({rows, K}, G32.options().dtype(at::kFloat));
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
