@@ -1,6 +1,8 @@
 """qlora_ext.nn.Linear4bit: construction, forward/backward, devices and dtypes, train/eval, and
 checkpoint interchange with bitsandbytes.nn.Linear4bit."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,6 +56,34 @@ def test_train_eval_switch_and_state_dict_round_trip():
     q2.load_state_dict(q.state_dict())
     torch.testing.assert_close(q2(x), y_eval, rtol=0, atol=0)
     assert "double_quant=True" in repr(q2) and "quant_type=nf4" in repr(q2)
+
+
+def test_cached_quant_state_follows_every_change_of_the_state():
+    """Linear4bit builds its QuantState once (Note [Cached quant state]): loading another
+    checkpoint, assigning a state buffer, .to() and deepcopy must each show in the next forward
+    of the layer they changed, and only there."""
+    x = torch.randn(3, 64)
+    a = Linear4bit(64, 16, bias=False)
+    b = Linear4bit(64, 16, bias=False, quant_type="fp4", double_quant=False)
+    b(x)  # builds b's fp4 state
+    b.load_state_dict(a.state_dict())
+    assert b.quant_state.quant_type == "nf4" and b.quant_state.nested
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+    c = Linear4bit(64, 16, bias=False, double_quant=False)
+    y = c(x)
+    c.absmax = c.absmax * 2  # a new tensor, assigned
+    torch.testing.assert_close(c(x), 2 * y)
+    c.to(torch.bfloat16)  # _apply: the state is restored as new tensors
+    assert c.quant_state.absmax is c.absmax
+    torch.testing.assert_close(c(x), 2 * y)
+
+    d = copy.deepcopy(c)
+    y_c = c(x)
+    with torch.no_grad():
+        d.absmax.mul_(3)  # in place, on the copy's own tensor
+    torch.testing.assert_close(c(x), y_c, rtol=0, atol=0)
+    torch.testing.assert_close(d(x), 3 * y_c)
 
 
 def test_bad_checkpoints_and_shapes():

@@ -124,3 +124,33 @@ def test_build_info():
             assert arch in info["cuda_archs"] or "TORCH_CUDA_ARCH_LIST" in __import__("os").environ
     with pytest.raises(RuntimeError, match="isa must be"):
         qlora_ext._C.set_cpu_isa("sse9")
+
+
+def test_fill_defaults_replacement_matches_torch():
+    """Note [fill_defaults]: the cached replacement is installed on this torch and returns what
+    torch's own returns, for our ops and for aten schemas with defaults and keyword-only
+    arguments (given or not), so every register_autograd op in the process is unaffected."""
+    import torch._library.utils as U
+
+    from qlora_ext import _torch_fixes
+
+    assert _torch_fixes.INSTALLED and _torch_fixes.ORIGINAL is not None
+    assert U.fill_defaults is not _torch_fixes.ORIGINAL
+    ours = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("qlora_ext::")]
+    ops = [getattr(torch.ops.qlora_ext, n.split("::")[1]).default for n in ours]
+    ops += [
+        torch.ops.aten.sum.dim_IntList,
+        torch.ops.aten.div.Tensor_mode,
+        torch.ops.aten.full.default,
+        torch.ops.aten.native_layer_norm.default,
+    ]
+    assert len(ops) >= 14
+    for op in ops:
+        schema = op._schema
+        positional = [a for a in schema.arguments if not a.kwarg_only]
+        kw_only = [a.name for a in schema.arguments if a.kwarg_only]
+        for n in range(len(positional) + 1):
+            args = tuple(object() for _ in range(n))
+            for kwargs in ({}, {name: object() for name in kw_only}):
+                want = _torch_fixes.ORIGINAL(schema, args, kwargs)
+                assert U.fill_defaults(schema, args, kwargs) == want, (op, n, kwargs)

@@ -6,7 +6,9 @@ the user-facing API (``functional``, ``QuantState``).
 
 import torch  # noqa: F401  (must load libtorch before the extension: _C has no RUNPATH to it)
 
-from . import _C, _ops, nn  # noqa: F401  (_C registers the ops; _ops their fake kernels)
+# _C registers the ops; _ops adds their fake kernels and autograd; _torch_fixes, once they
+# exist, speeds up torch's side of each autograd call (Note [fill_defaults]).
+from . import _C, _ops, _torch_fixes, nn  # noqa: F401
 from .functional import (
     dequantize_4bit,
     dequantize_blockwise_8bit,

@@ -130,10 +130,15 @@ def quantize_4bit(
 def _nested_args(state: QuantState) -> dict:
     if state.state2 is None:
         return {}
+    offset = state.offset
+    if offset.dim() != 1:  # reshape and .to cost a microsecond each even as no-ops
+        offset = offset.reshape(1)
+    if offset.dtype != torch.float32:
+        offset = offset.to(torch.float32)
     return dict(
         nested_absmax=state.state2.absmax,
         nested_code=state.state2.code,
-        nested_offset=state.offset.reshape(1).to(torch.float32),
+        nested_offset=offset,
         nested_blocksize=state.state2.blocksize,
     )
 
