@@ -456,7 +456,9 @@ void gemm_planes_avx512(const float* A32, int64_t M, const Weight4& W, const flo
 // every weight byte is read once and no two threads write the same output. Rows are summed in
 // groups of kRowGroup in registers and each group's sums added to the total: one running sum
 // over N = 11008 rows would have several times the rounding error of torch's blocked GEMM.
-// The M planes of a thread's range stay in L1/L2 (M x K / threads x 4 bytes).
+// The M planes of a thread's range stay in L1/L2 (M x K / threads x 4 bytes). A K of fewer
+// than 4 chunks per thread (SmolLM2's 576 is 4.5 chunks) would leave threads idle or uneven,
+// so there the threads split the rows of W instead, each into its own total, added at the end.
 template <typename T>
 void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* out) {
   constexpr int64_t kRowGroup = 64;
@@ -465,18 +467,17 @@ void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* 
   std::vector<float> Gt(N * M);  // [n][m]: one row of W meets its M gradients in one line
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) Gt[n * M + m] = G32[m * N + n];
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), chunks));
   const int64_t groups = ceil_div(M, kGradMaxMT), mt0 = ceil_div(M, groups);
-  at::parallel_for(0, chunks, ceil_div(chunks, threads), [&](int64_t c0, int64_t c1) {
-    const int64_t lda = (c1 - c0) * kChunk + 16;  // +1 line: the rows' planes in different sets
+  // total[m * lda + 128 (c - c0) + 16t + j] += the products of rows [r0, r1) of W, chunks
+  // [c0, c1); lda a multiple of 16 plus one line (the rows' planes in different L1 sets).
+  const auto accumulate = [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1, float* total,
+                              int64_t lda) {
     const int64_t b0 = (c0 * kChunk) / bs, b1 = std::min(kblocks, ceil_div(c1 * kChunk, bs));
     const int64_t sstride = (b1 - b0) + 16;
-    std::vector<float> buf(M * lda + 16 * kRowGroup + 16), scales(kRowGroup * sstride, 0.0f);
-    float* total = buf.data() + (16 - (reinterpret_cast<uintptr_t>(buf.data()) / 4) % 16) % 16;
-    float* sv = total + M * lda;  // lda is a multiple of 16: still 64-byte aligned
-    std::fill(total, total + M * lda, 0.0f);
-    for (int64_t n0 = 0; n0 < N; n0 += kRowGroup) {
-      const int64_t n1 = std::min(N, n0 + kRowGroup);
+    std::vector<float> sv_buf(16 * kRowGroup + 16), scales(kRowGroup * sstride, 0.0f);
+    float* sv = sv_buf.data() + (16 - (reinterpret_cast<uintptr_t>(sv_buf.data()) / 4) % 16) % 16;
+    for (int64_t n0 = r0; n0 < r1; n0 += kRowGroup) {
+      const int64_t n1 = std::min(r1, n0 + kRowGroup);
       for (int64_t n = n0; n < n1; ++n) {
         block_scales(W.src, n * kblocks + b0, b1 - b0, scales.data() + (n - n0) * sstride);
       }
@@ -489,17 +490,53 @@ void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* 
         }
       }
     }
-    for (int64_t m = 0; m < M; ++m) {  // back from planes to element order
+  };
+  // out[m, k] for chunks [c0, c1) = the sum of `parts` totals, back from planes to elements.
+  const auto write_out = [&](int64_t c0, int64_t c1, const float* totals, int64_t parts,
+                             int64_t part_stride, int64_t lda, int64_t cbase) {
+    for (int64_t m = 0; m < M; ++m) {
       for (int64_t c = c0; c < c1; ++c) {
         for (int t = 0; t < 8; ++t) {
           for (int j = 0; j < 16; ++j) {
             const int64_t k = c * kChunk + 8 * j + (t ^ 1);
-            if (k < K)
-              out[m * K + k] = from_f32<T>(total[m * lda + (c - c0) * kChunk + 16 * t + j]);
+            if (k >= K) continue;
+            const int64_t i = m * lda + (c - cbase) * kChunk + 16 * t + j;
+            float sum = totals[i];
+            for (int64_t p = 1; p < parts; ++p) sum += totals[p * part_stride + i];
+            out[m * K + k] = from_f32<T>(sum);
           }
         }
       }
     }
+  };
+  const auto aligned = [](std::vector<float>& v) {
+    return v.data() + (16 - (reinterpret_cast<uintptr_t>(v.data()) / 4) % 16) % 16;
+  };
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_parts = std::min(nt, ceil_div(N, kRowGroup));
+  if (chunks >= 4 * nt || row_parts == 1) {
+    const int64_t threads = std::min(nt, chunks);
+    at::parallel_for(0, chunks, ceil_div(chunks, threads), [&](int64_t c0, int64_t c1) {
+      const int64_t lda = (c1 - c0) * kChunk + 16;
+      std::vector<float> buf(M * lda + 16, 0.0f);
+      float* total = aligned(buf);
+      accumulate(c0, c1, 0, N, total, lda);
+      write_out(c0, c1, total, 1, 0, lda, c0);
+    });
+    return;
+  }
+  const int64_t lda = chunks * kChunk + 16, stride = M * lda;
+  std::vector<float> buf(row_parts * stride + 16, 0.0f);
+  float* totals = aligned(buf);
+  const int64_t rows_per = ceil_div(ceil_div(N, row_parts), kRowGroup) * kRowGroup;
+  at::parallel_for(0, row_parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t r0 = std::min(N, p * rows_per), r1 = std::min(N, r0 + rows_per);
+      if (r1 > r0) accumulate(0, chunks, r0, r1, totals + p * stride, lda);
+    }
+  });
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    write_out(c0, c1, totals, row_parts, stride, lda, 0);
   });
 }
 #endif
