@@ -26,11 +26,12 @@ namespace qlora_ext::cpu {
 namespace {
 
 // Where streaming the weight stops paying, measured on 2 AVX-512 cores with 4096 x 4096:
-// the fused kernel beats the panel GEMM up to M = 48 (0.67x / 0.90x / 1.07x dense at M = 16 /
-// 32 / 48 against the panels' 2.0x / 1.8x / 1.6x) and loses from M = 64 (1.21x against
-// 1.15x). The dequantize-rows fallback is slower, and stops at 16.
-constexpr int64_t kSmallM = 48;
-constexpr int64_t kSmallMFallback = 16;
+// the fused kernel beats the panel GEMM up to M = 40 (0.59x / 0.84x / 0.99x dense at M = 16 /
+// 32 / 40 against the panels' 0.77x / 0.85x / 1.09x) and loses at 48 (1.04x against 0.94x).
+// The dequantize-rows fallback (AVX2 or scalar) wins only up to M = 4 or 5 (AVX2 forced on
+// the same machine: 0.82x against 0.98x at M = 4, 0.84x against 0.71x at M = 8).
+constexpr int64_t kSmallM = 40;
+constexpr int64_t kSmallMFallback = 5;
 constexpr int kRows = 4;  // weight rows per streaming step
 
 // acc[m * kRows + j] = dot(A[m, :], w[j, :]) for m < M, j < kRows. K is a multiple of 32.
@@ -642,17 +643,24 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
     const int64_t rows = panel_rows(N, K, sizeof(float), int64_t(8) << 20);
     at::Tensor panel = at::empty({rows, K}, A32.options().dtype(at::kFloat));
     const std::optional<at::Tensor> b = bias ? std::optional(bias->to(acc)) : bias;
+    // Each panel computes out[:, panel]^T = panel @ A^T into a small buffer, then copies it
+    // transposed: oneDNN takes A @ panel^T at M = 16 / 32 very slowly (10.9 / 12.0 ms on
+    // 4096 x 4096, against 4.2 / 5.8 ms this way and 5.3 / 6.8 ms for the dense F.linear),
+    // and the same at M = 64 and 512.
+    at::Tensor tmp = at::empty({rows, M}, A32.options());
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
       at::Tensor p = panel.narrow(0, 0, r);
       dequantize_panel(W, n0, r, p);
       if (acc == at::kDouble) p = p.to(acc);
       at::Tensor o = out32.narrow(1, n0, r);
+      at::Tensor t = tmp.narrow(0, 0, r);
       if (b) {
-        at::addmm_out(o, b->narrow(0, n0, r), A32, p.t());
+        at::addmm_out(t, b->narrow(0, n0, r).unsqueeze(1), p, A32.t());
       } else {
-        at::mm_out(o, A32, p.t());
+        at::mm_out(t, p, A32.t());
       }
+      o.copy_(t.t());
     }
     if (!out32.is_same(out)) out.copy_(out32);
   }
