@@ -28,10 +28,11 @@ namespace {
 // Where streaming the weight stops paying, measured on 2 AVX-512 cores with 4096 x 4096:
 // the fused kernel beats the panel GEMM up to M = 40 (0.59x / 0.84x / 0.99x dense at M = 16 /
 // 32 / 40 against the panels' 0.77x / 0.85x / 1.09x) and loses at 48 (1.04x against 0.94x).
-// The dequantize-rows fallback (AVX2 or scalar) wins only up to M = 4 or 5 (AVX2 forced on
-// the same machine: 0.82x against 0.98x at M = 4, 0.84x against 0.71x at M = 8).
+// Without AVX-512 the streaming paths win up to M = 4 (AVX2 forced on the same machine: the
+// AVX2 planes 0.40x dense at M = 4, dequantized rows 0.82x, the panels 0.98x; at M = 5 the
+// rows took 1.04x, at M = 8 0.84x against the panels' 0.71x).
 constexpr int64_t kSmallM = 40;
-constexpr int64_t kSmallMFallback = 5;
+constexpr int64_t kSmallMFallback = 4;
 constexpr int kRows = 4;  // weight rows per streaming step
 
 // acc[m * kRows + j] = dot(A[m, :], w[j, :]) for m < M, j < kRows. K is a multiple of 32.
@@ -543,12 +544,95 @@ void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* 
 #endif
 
 // Small M: stream W once. A32 is [M, K] fp32; out is [M, N] in T.
+#if QX_X86
+// Note [Nibble planes, AVX2]: the AVX-512 kernel's decode (Note [Nibble planes]) on 8 lanes,
+// for M <= kPlanesAvx2M rows of A and blocksizes >= 64. A 32-byte load holds the 64 codes of
+// one block-aligned chunk; nibble t of dword j is element 8j + (t ^ 1). vpermps reads 3 index
+// bits, so the 16-entry table is two halves, picked per lane by the code's bit 3 (shifted to
+// the sign bit for blendv). A chunk lies within one block, so the two halves are scaled once
+// per chunk and the decoded weights come out scaled. Measured with AVX2 forced on the AVX-512
+// machine, 4096 x 4096: 0.3x dense at M = 1 where dequantizing rows and dotting took 1.1x.
+constexpr int64_t kChunk8 = 64;  // elements per 32-byte load
+constexpr int64_t kPlanesAvx2M = 4;
+
+// Ap[(cM + m) 64 + 8t + j] = A[m, 64c + 8j + (t ^ 1)]; K is a whole number of chunks.
+void permute_rows8(const float* A, int64_t M, int64_t K, float* Ap) {
+  for (int64_t c = 0; c < K / kChunk8; ++c) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* dst = Ap + (c * M + m) * kChunk8;
+      for (int t = 0; t < 8; ++t) {
+        for (int j = 0; j < 8; ++j) dst[8 * t + j] = A[m * K + c * kChunk8 + 8 * j + (t ^ 1)];
+      }
+    }
+  }
+}
+
+// sums[m] = row m of A (planes Ap) times one row of W (packed bytes wrow, block scales
+// `scales`, blocks of 64 << bs_shift), for MT rows. Two accumulators per row of A, each lane
+// summing its own elements: 16 partial sums over K.
+template <int MT>
+QX_TARGET_AVX2 void row_planes_avx2(const float* Ap, const uint8_t* wrow, int64_t K,
+                                    const float* scales, int bs_shift, const float* table,
+                                    float* sums) {
+  const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
+  __m256 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < K / kChunk8; ++c) {
+    _mm_prefetch(reinterpret_cast<const char*>(wrow + c * 32 + kPrefetchBytes), _MM_HINT_T0);
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + c * 32));
+    const __m256 sc = _mm256_set1_ps(scales[c >> bs_shift]);
+    const __m256 lo = _mm256_mul_ps(tlo, sc), hi = _mm256_mul_ps(thi, sc);
+    const float* a = Ap + c * MT * kChunk8;
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      const __m256 w =
+          _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, v), _mm256_permutevar8x32_ps(hi, v),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+#pragma GCC unroll 4
+      for (int m = 0; m < MT; ++m) {
+        acc[m][t % 2] = _mm256_fmadd_ps(_mm256_loadu_ps(a + m * kChunk8 + 8 * t), w, acc[m][t % 2]);
+      }
+      v = _mm256_srli_epi32(v, 4);
+    }
+  }
+  for (int m = 0; m < MT; ++m) sums[m] = hsum8(_mm256_add_ps(acc[m][0], acc[m][1]));
+}
+
+using RowPlanesAvx2Fn = void (*)(const float*, const uint8_t*, int64_t, const float*, int,
+                                 const float*, float*);
+constexpr RowPlanesAvx2Fn kRowPlanesAvx2[kPlanesAvx2M] = {&row_planes_avx2<1>, &row_planes_avx2<2>,
+                                                          &row_planes_avx2<3>, &row_planes_avx2<4>};
+
+template <typename T>
+void gemm_planes_avx2(const float* A32, int64_t M, const Weight4& W, const float* bias, T* out) {
+  const int64_t K = W.K, N = W.N, kblocks = K / W.blocksize;
+  const int bs_shift = __builtin_ctzll(uint64_t(W.blocksize)) - 6;
+  std::vector<float> Ap(K * M);
+  permute_rows8(A32, M, K, Ap.data());
+  const RowPlanesAvx2Fn fn = kRowPlanesAvx2[M - 1];
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scales(kblocks);
+    float sums[kPlanesAvx2M];
+    for (int64_t n = lo; n < hi; ++n) {
+      block_scales(W.src, n * kblocks, kblocks, scales.data());
+      fn(Ap.data(), W.packed + n * (K / 2), K, scales.data(), bs_shift, W.code.value, sums);
+      for (int64_t m = 0; m < M; ++m) {
+        out[m * N + n] = from_f32<T>(sums[m] + (bias ? bias[n] : 0.f));
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void gemm_streaming(const float* A32, int64_t M, const Weight4& W, const float* bias, T* out) {
   const int64_t K = W.K, N = W.N, kblocks = K / W.blocksize;
   const Isa isa = current_isa();
 #if QX_X86
   if (isa == Isa::Avx512) return gemm_planes_avx512(A32, M, W, bias, out);
+  if (isa == Isa::Avx2 && M <= kPlanesAvx2M && W.blocksize >= kChunk8) {
+    return gemm_planes_avx2(A32, M, W, bias, out);
+  }
 #endif
   at::parallel_for(0, ceil_div(N, kRows), 8, [&](int64_t lo, int64_t hi) {
     std::vector<float> w(kRows * K, 0.f), acc(M * kRows);
@@ -643,17 +727,27 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
     const int64_t rows = panel_rows(N, K, sizeof(float), int64_t(8) << 20);
     at::Tensor panel = at::empty({rows, K}, A32.options().dtype(at::kFloat));
     const std::optional<at::Tensor> b = bias ? std::optional(bias->to(acc)) : bias;
-    // Each panel computes out[:, panel]^T = panel @ A^T into a small buffer, then copies it
-    // transposed: oneDNN takes A @ panel^T at M = 16 / 32 very slowly (10.9 / 12.0 ms on
-    // 4096 x 4096, against 4.2 / 5.8 ms this way and 5.3 / 6.8 ms for the dense F.linear),
-    // and the same at M = 64 and 512.
-    at::Tensor tmp = at::empty({rows, M}, A32.options());
+    // Below M = 64 each panel computes out[:, panel]^T = panel @ A^T into a small buffer and
+    // copies it back transposed: oneDNN takes A @ panel^T at M = 16 / 32 very slowly (10.9 /
+    // 12.0 ms on 4096 x 4096, against 4.2 / 5.8 ms this way and 5.3 / 6.8 ms for the dense
+    // F.linear). From M = 64 the two are even on 4096 x 4096, and the transposed form lost at
+    // M = 512 on 1536 x 576 (1.31x dense against 1.04x), so there A @ panel^T writes into out.
+    const bool transposed = M < 64;
+    at::Tensor tmp = transposed ? at::empty({rows, M}, A32.options()) : at::Tensor();
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
       at::Tensor p = panel.narrow(0, 0, r);
       dequantize_panel(W, n0, r, p);
       if (acc == at::kDouble) p = p.to(acc);
       at::Tensor o = out32.narrow(1, n0, r);
+      if (!transposed) {
+        if (b) {
+          at::addmm_out(o, b->narrow(0, n0, r), A32, p.t());
+        } else {
+          at::mm_out(o, A32, p.t());
+        }
+        continue;
+      }
       at::Tensor t = tmp.narrow(0, 0, r);
       if (b) {
         at::addmm_out(t, b->narrow(0, n0, r).unsqueeze(1), p, A32.t());
