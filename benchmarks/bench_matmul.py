@@ -86,14 +86,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--isa",
+        default="auto",
+        choices=["auto", "avx512", "avx2", "scalar"],
+        help="CPU kernels to use (an AVX2-only machine's paths can be timed on an AVX-512 one)",
+    )
     ap.add_argument("--full", action="store_true", help="every shape and M")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--png", default=str(Path(__file__).with_name("matmul_ratio.png")))
+    ap.add_argument("--png", default=None, help="plot (default benchmarks/matmul_ratio*.png)")
     ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
     dev = args.device
     if dev == "cpu":
         torch.set_num_threads(args.threads)
+        qlora_ext._C.set_cpu_isa(args.isa)
+    tag = dev if dev == "cuda" or args.isa == "auto" else f"{dev}, {args.isa} kernels"
+    if args.png is None:
+        suffix = "" if tag == dev else f"_{args.isa}"
+        args.png = str(Path(__file__).with_name(f"matmul_ratio{suffix}.png"))
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     full = args.full or dev == "cuda"
     shapes = list(SHAPES) if full else CPU_DEFAULT["shapes"]
@@ -172,7 +183,7 @@ def main() -> None:
             yscale="log",
             xlabel="M (tokens)",
             ylabel="time / dense F.linear",
-            title=f"4-bit matmul forward, {dev}, {str(dtype).replace('torch.', '')}",
+            title=f"4-bit matmul forward, {tag}, {str(dtype).replace('torch.', '')}",
         )
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -186,7 +197,8 @@ def main() -> None:
             f"totalling {ROTATE_BYTES[dev] >> 20} MB, so weights come from memory, not cache "
             f"(Note [Rotating weights] in bench_matmul.py). Plot: `{Path(args.png).name}`."
         )
-        write_section(f"bench_matmul:{dev}", f"4-bit matmul ({dev})", md, dev, notes)
+        section = "bench_matmul:" + tag.replace(", ", "-").replace(" kernels", "")
+        write_section(section, f"4-bit matmul ({tag})", md, dev, notes)
 
 
 if __name__ == "__main__":
