@@ -197,6 +197,11 @@ def main() -> None:
             f"totalling {ROTATE_BYTES[dev] >> 20} MB, so weights come from memory, not cache "
             f"(Note [Rotating weights] in bench_matmul.py). Plot: `{Path(args.png).name}`."
         )
+        if tag != dev:
+            notes += (
+                f" Our kernels forced to {args.isa} (qlora_ext._C.set_cpu_isa) on this machine, "
+                "to show an AVX2-only CPU's paths; dense and bitsandbytes are unaffected."
+            )
         section = "bench_matmul:" + tag.replace(", ", "-").replace(" kernels", "")
         write_section(section, f"4-bit matmul ({tag})", md, dev, notes)
 
