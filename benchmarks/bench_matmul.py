@@ -101,9 +101,10 @@ def main() -> None:
     if dev == "cpu":
         torch.set_num_threads(args.threads)
         qlora_ext._C.set_cpu_isa(args.isa)
-    tag = dev if dev == "cuda" or args.isa == "auto" else f"{dev}, {args.isa} kernels"
+    forced = None if dev == "cuda" or args.isa == "auto" else args.isa  # forced CPU kernels
+    tag = f"{dev}, {forced} kernels" if forced else dev
     if args.png is None:
-        suffix = "" if tag == dev else f"_{args.isa}"
+        suffix = f"_{forced}" if forced else ""
         args.png = str(Path(__file__).with_name(f"matmul_ratio{suffix}.png"))
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     full = args.full or dev == "cuda"
@@ -197,12 +198,12 @@ def main() -> None:
             f"totalling {ROTATE_BYTES[dev] >> 20} MB, so weights come from memory, not cache "
             f"(Note [Rotating weights] in bench_matmul.py). Plot: `{Path(args.png).name}`."
         )
-        if tag != dev:
+        if forced:
             notes += (
-                f" Our kernels forced to {args.isa} (qlora_ext._C.set_cpu_isa) on this machine, "
+                f" Our kernels forced to {forced} (qlora_ext._C.set_cpu_isa) on this machine, "
                 "to show an AVX2-only CPU's paths; dense and bitsandbytes are unaffected."
             )
-        section = "bench_matmul:" + tag.replace(", ", "-").replace(" kernels", "")
+        section = f"bench_matmul:{dev}-{forced}" if forced else f"bench_matmul:{dev}"
         write_section(section, f"4-bit matmul ({tag})", md, dev, notes)
 
 

@@ -55,6 +55,17 @@ inline void check_adamw_8bit_states(const at::Tensor& param, const at::Tensor& e
   check_state(code_unsigned, "code_unsigned", at::kFloat, 256, param);
 }
 
+// adamw_step_32bit's arguments: the scalars and gradient, and both fp32 states of the
+// parameter's size on its device.
+inline void check_adamw_32bit_args(const at::Tensor& param, const at::Tensor& grad,
+                                   const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                                   int64_t step, double lr, double beta1, double beta2, double eps,
+                                   double weight_decay) {
+  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
+  check_state(exp_avg, "exp_avg", at::kFloat, param.numel(), param);
+  check_state(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel(), param);
+}
+
 // The list arguments of adamw_step_32bit_multi: equal lengths, then each tensor's own checks,
 // with the failing index in the message.
 inline void check_adamw_multi_args(at::TensorList params, at::TensorList grads,
@@ -68,9 +79,8 @@ inline void check_adamw_multi_args(at::TensorList params, at::TensorList grads,
       grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size());
   for (size_t i = 0; i < n; ++i) {
     try {
-      check_adamw_args(params[i], grads[i], steps[i], lr, beta1, beta2, eps, weight_decay);
-      check_state(exp_avgs[i], "exp_avg", at::kFloat, params[i].numel(), params[i]);
-      check_state(exp_avg_sqs[i], "exp_avg_sq", at::kFloat, params[i].numel(), params[i]);
+      check_adamw_32bit_args(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], lr, beta1,
+                             beta2, eps, weight_decay);
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "tensor ", i, " of the lists: ", e.what_without_backtrace());
     }

@@ -43,9 +43,8 @@ at::Tensor adamw_32bit_launch(at::Tensor& param, const at::Tensor& grad, at::Ten
 at::Tensor adamw_step_32bit_cuda(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                                  at::Tensor& exp_avg_sq, int64_t step, double lr, double beta1,
                                  double beta2, double eps, double weight_decay) {
-  check_adamw_args(param, grad, step, lr, beta1, beta2, eps, weight_decay);
-  check_state(exp_avg, "exp_avg", at::kFloat, param.numel(), param);
-  check_state(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel(), param);
+  check_adamw_32bit_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
+                         weight_decay);
   return adamw_32bit_launch(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps,
                             weight_decay);
 }

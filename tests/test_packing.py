@@ -124,6 +124,12 @@ def test_packed_batch_gives_each_example_its_own_logits_and_loss(kind, attn):
         torch.testing.assert_close(packed, solo, atol=1e-5, rtol=1e-5)
     # The packed loss is the token-weighted mean of the examples' own losses: no loss term
     # predicts an example's first token from the example before it.
+    packed_loss, expected = _packed_and_expected_loss(model, inputs, examples)
+    assert math.isclose(packed_loss, expected, rel_tol=1e-5)
+
+
+def _packed_and_expected_loss(model, inputs, examples):
+    """The packed batch's loss, and the token-weighted mean of each example's own loss."""
     with torch.no_grad():
         packed_loss = model(**inputs).loss.item()
         solo = [
@@ -131,8 +137,7 @@ def test_packed_batch_gives_each_example_its_own_logits_and_loss(kind, attn):
             for e in examples
         ]
     n = [len(e.input_ids) - 1 for e in examples]
-    expected = sum(s.item() * k for s, k in zip(solo, n, strict=True)) / sum(n)
-    assert math.isclose(packed_loss, expected, rel_tol=1e-5)
+    return packed_loss, sum(s.item() * k for s, k in zip(solo, n, strict=True)) / sum(n)
 
 
 @pytest.mark.parametrize(
@@ -145,14 +150,7 @@ def test_the_packed_check_fails_when_packing_is_done_wrong(wrong):
     if wrong == "boundary labels":  # the label of each second example's first token kept
         for row, col in STARTS[1::2]:
             inputs["labels"][row, col] = inputs["input_ids"][row, col]
-        with torch.no_grad():
-            packed_loss = model(**inputs).loss.item()
-            solo = [
-                model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
-                for e in examples
-            ]
-        n = [len(e.input_ids) - 1 for e in examples]
-        expected = sum(s.item() * k for s, k in zip(solo, n, strict=True)) / sum(n)
+        packed_loss, expected = _packed_and_expected_loss(model, inputs, examples)
         assert not math.isclose(packed_loss, expected, rel_tol=1e-5)
         return
     if wrong == "no position_ids":

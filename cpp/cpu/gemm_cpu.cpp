@@ -128,15 +128,17 @@ constexpr int64_t kPrefetchBytes = 4096;
 // K tile of a group of g rows is g x 512 B per chunk, every chunk's part spread over the L1's
 // 64 sets, so its <= 24 KB never puts more lines in one set than the 12 ways (rows a whole row
 // apart had put all 16 rows' operands for a chunk in the same few sets).
-void permute_rows(const float* A, int64_t M, int64_t K, float* Ap) {
-  const int64_t chunks = ceil_div(K, kChunk);
-  for (int64_t c = 0; c < chunks; ++c) {
+// `chunk` is 128 (16 lanes) here and 64 (8 lanes) for the AVX2 kernel: lane j of plane t is
+// element 8j + (t ^ 1) of its chunk either way.
+void permute_rows(const float* A, int64_t M, int64_t K, float* Ap, int64_t chunk = kChunk) {
+  const int64_t lanes = chunk / 8;
+  for (int64_t c = 0; c < ceil_div(K, chunk); ++c) {
     for (int64_t m = 0; m < M; ++m) {
-      float* dst = Ap + (c * M + m) * kChunk;
+      float* dst = Ap + (c * M + m) * chunk;
       for (int t = 0; t < 8; ++t) {
-        for (int j = 0; j < 16; ++j) {
-          const int64_t k = c * kChunk + 8 * j + (t ^ 1);
-          dst[16 * t + j] = k < K ? A[m * K + k] : 0.0f;
+        for (int j = 0; j < lanes; ++j) {
+          const int64_t k = c * chunk + 8 * j + (t ^ 1);
+          dst[lanes * t + j] = k < K ? A[m * K + k] : 0.0f;
         }
       }
     }
@@ -555,18 +557,6 @@ void grad_input_planes_avx512(const float* G32, int64_t M, const Weight4& W, T* 
 constexpr int64_t kChunk8 = 64;  // elements per 32-byte load
 constexpr int64_t kPlanesAvx2M = 4;
 
-// Ap[(cM + m) 64 + 8t + j] = A[m, 64c + 8j + (t ^ 1)]; K is a whole number of chunks.
-void permute_rows8(const float* A, int64_t M, int64_t K, float* Ap) {
-  for (int64_t c = 0; c < K / kChunk8; ++c) {
-    for (int64_t m = 0; m < M; ++m) {
-      float* dst = Ap + (c * M + m) * kChunk8;
-      for (int t = 0; t < 8; ++t) {
-        for (int j = 0; j < 8; ++j) dst[8 * t + j] = A[m * K + c * kChunk8 + 8 * j + (t ^ 1)];
-      }
-    }
-  }
-}
-
 // sums[m] = row m of A (planes Ap) times one row of W (packed bytes wrow, block scales
 // `scales`, blocks of 64 << bs_shift), for MT rows. Two accumulators per row of A, each lane
 // summing its own elements: 16 partial sums over K.
@@ -608,7 +598,7 @@ void gemm_planes_avx2(const float* A32, int64_t M, const Weight4& W, const float
   const int64_t K = W.K, N = W.N, kblocks = K / W.blocksize;
   const int bs_shift = __builtin_ctzll(uint64_t(W.blocksize)) - 6;
   std::vector<float> Ap(K * M);
-  permute_rows8(A32, M, K, Ap.data());
+  permute_rows(A32, M, K, Ap.data(), kChunk8);  // K is a whole number of these chunks
   const RowPlanesAvx2Fn fn = kRowPlanesAvx2[M - 1];
   at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
     std::vector<float> scales(kblocks);
@@ -740,21 +730,16 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
       dequantize_panel(W, n0, r, p);
       if (acc == at::kDouble) p = p.to(acc);
       at::Tensor o = out32.narrow(1, n0, r);
-      if (!transposed) {
-        if (b) {
-          at::addmm_out(o, b->narrow(0, n0, r), A32, p.t());
-        } else {
-          at::mm_out(o, A32, p.t());
-        }
-        continue;
-      }
-      at::Tensor t = tmp.narrow(0, 0, r);
+      // transposed: t = p @ A^T [r, M] (bias per row of t); else o = A @ p^T (bias per column)
+      at::Tensor t = transposed ? tmp.narrow(0, 0, r) : o;
+      const at::Tensor lhs = transposed ? p : A32, rhs = transposed ? A32.t() : p.t();
       if (b) {
-        at::addmm_out(t, b->narrow(0, n0, r).unsqueeze(1), p, A32.t());
+        const at::Tensor bn = b->narrow(0, n0, r);
+        at::addmm_out(t, transposed ? bn.unsqueeze(1) : bn, lhs, rhs);
       } else {
-        at::mm_out(t, p, A32.t());
+        at::mm_out(t, lhs, rhs);
       }
-      o.copy_(t.t());
+      if (transposed) o.copy_(t.t());
     }
     if (!out32.is_same(out)) out.copy_(out32);
   }
