@@ -45,6 +45,45 @@ LAYER_SHAPES = {
 }
 
 
+# --time-scale multiplies every min_time and warm-up below: scripts/gpu_check.sh runs the CUDA
+# benchmarks at 0.2, since a GPU kernel of microseconds gives thousands of samples in 0.1 s and
+# the whole check must fit in one short device lease.
+TIME_SCALE = [1.0]
+
+
+def add_common_args(ap) -> None:
+    """The options every kernel benchmark takes besides its own."""
+    ap.add_argument("--json", default=None, help="append each row here as a JSON line")
+    ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
+    ap.add_argument(
+        "--time-scale", type=float, default=1.0, help="scale the time spent on each measurement"
+    )
+
+
+def apply_common_args(args) -> None:
+    if not args.time_scale > 0:
+        raise SystemExit(f"--time-scale must be > 0, got {args.time_scale}")
+    TIME_SCALE[0] = args.time_scale
+    if args.json:  # a fresh file per run: RowLog appends
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text("")
+
+
+class RowLog(list):
+    """The result rows of a run, each also appended to a JSON Lines file (and flushed) as it
+    is added, so a benchmark stopped by a timeout still leaves every row it measured."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        self.path = path
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def time_fn(
     fn, device: str, min_time: float = 0.5, min_runs: int = 5, warmup: float = 0.2
 ) -> float:
@@ -52,6 +91,7 @@ def time_fn(
     clock are out of it; CPU work with perf_counter. Warm-up runs for `warmup` seconds (at least
     twice): the first large allocations of a process pay page faults that later ones, reusing
     freed memory, do not."""
+    min_time, warmup = min_time * TIME_SCALE[0], warmup * TIME_SCALE[0]
     t_end = time.perf_counter() + warmup
     for i in range(1000):
         fn()

@@ -20,7 +20,15 @@ import warnings
 from functools import partial
 
 import torch
-from _common import LAYER_SHAPES, markdown_table, time_fn, write_json, write_section
+from _common import (
+    LAYER_SHAPES,
+    RowLog,
+    add_common_args,
+    apply_common_args,
+    markdown_table,
+    time_fn,
+    write_section,
+)
 from torch import nn
 
 import qlora_ext
@@ -135,9 +143,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full", action="store_true", help="every shape at M = 512 and 4096")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
+    add_common_args(ap)
     args = ap.parse_args()
+    apply_common_args(args)
     dev = args.device
     if dev == "cpu":
         torch.set_num_threads(args.threads)
@@ -147,7 +155,7 @@ def main() -> None:
     full = args.full or dev == "cuda"
     shapes = list(SHAPES) if full else CPU_DEFAULT["shapes"]
     ms = MS if full else CPU_DEFAULT["ms"]
-    rows, table = [], []
+    rows, table = RowLog(args.json), []
     for name in shapes:
         N, K = SHAPES[name]
         torch.manual_seed(0)
@@ -201,7 +209,6 @@ def main() -> None:
         headers += ["dense peak MB", "ours peak MB", "PEFT+bnb peak MB"]
     md = markdown_table(headers, table)
     print(md)
-    write_json(args.json, rows)
     if not args.no_results:
         notes = (
             f"One layer's training step (forward + backward to x, A and B), r={R}, "

@@ -19,7 +19,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from _common import LAYER_SHAPES, markdown_table, pyplot, time_fn, write_json, write_section
+from _common import (
+    LAYER_SHAPES,
+    RowLog,
+    add_common_args,
+    apply_common_args,
+    markdown_table,
+    pyplot,
+    time_fn,
+    write_section,
+)
 
 import qlora_ext
 
@@ -93,10 +102,10 @@ def main() -> None:
         help="CPU kernels to use (an AVX2-only machine's paths can be timed on an AVX-512 one)",
     )
     ap.add_argument("--full", action="store_true", help="every shape and M")
-    ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None, help="plot (default benchmarks/matmul_ratio*.png)")
-    ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
+    add_common_args(ap)
     args = ap.parse_args()
+    apply_common_args(args)
     dev = args.device
     if dev == "cpu":
         torch.set_num_threads(args.threads)
@@ -110,7 +119,7 @@ def main() -> None:
     full = args.full or dev == "cuda"
     shapes = list(SHAPES) if full else CPU_DEFAULT["shapes"]
     ms = MS if full else CPU_DEFAULT["ms"]
-    rows, table = [], []
+    rows, table = RowLog(args.json), []
     for name in shapes:
         N, K = SHAPES[name]
         w = torch.randn(N, K, device=dev, dtype=dtype) / K**0.5
@@ -163,7 +172,6 @@ def main() -> None:
         headers += [f"{mode} dense ms", f"{mode} ours ms (vs dense)", f"{mode} bnb ms (vs dense)"]
     md = markdown_table(headers, table)
     print(md)
-    write_json(args.json, rows)
     plt = pyplot()
     if plt is not None:
         fig, ax = plt.subplots(figsize=(7, 4.5))

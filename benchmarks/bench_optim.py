@@ -18,7 +18,14 @@ import gc
 import warnings
 
 import torch
-from _common import markdown_table, time_fn, write_json, write_section
+from _common import (
+    RowLog,
+    add_common_args,
+    apply_common_args,
+    markdown_table,
+    time_fn,
+    write_section,
+)
 
 import qlora_ext  # noqa: F401  (registers the ops)
 from qlora_ext.optim import PagedAdamW, PagedAdamW8bit
@@ -65,21 +72,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
-    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
-    ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--params", type=int, default=N_PARAMS, help="total parameters (50M)")
+    add_common_args(ap)
     args = ap.parse_args()
+    apply_common_args(args)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     dev = args.device
-    sections, all_rows = [], []
+    sections, rows = [], RowLog(args.json)
     for layout in ("adapters", "matrices"):
         torch.manual_seed(0)
         params = make_params(layout, args.params, dev)
-        md, rows = run_layout(params, dev, layout)
-        all_rows.extend(rows)
-        sections.append(md)
-    write_json(args.json, all_rows)
+        sections.append(run_layout(params, dev, layout, rows))
     if not args.no_results:
         notes = (
             "Same parameters and gradients for every optimizer; one step = the whole update of "
@@ -109,9 +113,10 @@ def make_params(layout: str, total: int, dev: str) -> list[torch.nn.Parameter]:
     return params
 
 
-def run_layout(params, dev: str, layout: str) -> tuple[str, list[dict]]:
+def run_layout(params, dev: str, layout: str, rows: RowLog) -> str:
+    """Times every candidate on `params`, appending a row each to `rows`; returns the table."""
     n = sum(p.numel() for p in params)
-    rows, table, base = [], [], None
+    table, base = [], None
     print(f"-- {layout}: {len(params)} tensors, {n / 1e6:.1f}M parameters", flush=True)
     for make in candidates(dev):
         with warnings.catch_warnings():
@@ -135,7 +140,7 @@ def run_layout(params, dev: str, layout: str) -> tuple[str, list[dict]]:
                "time vs torch"]  # fmt: skip
     md = markdown_table(headers, table)
     print(md)
-    return md, rows
+    return md
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ import warnings
 from functools import partial
 
 import torch
-from _common import copy_bandwidth_gbs, markdown_table, time_fn, write_json, write_section
+from _common import (
+    RowLog,
+    add_common_args,
+    apply_common_args,
+    copy_bandwidth_gbs,
+    markdown_table,
+    time_fn,
+    write_section,
+)
 
 import qlora_ext
 
@@ -45,15 +53,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
-    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
-    ap.add_argument("--no-results", action="store_true", help="do not update RESULTS.md")
     ap.add_argument("--quick", action="store_true", help="first shape only")
+    add_common_args(ap)
     args = ap.parse_args()
+    apply_common_args(args)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     dev = args.device
     ceiling = copy_bandwidth_gbs(dev) if dev == "cuda" else None
-    rows, table = [], []
+    rows, table = RowLog(args.json), []
     for shape in SHAPES[:1] if args.quick else SHAPES:
         for dname, dtype in DTYPES.items():
             w = torch.randn(shape, device=dev).to(dtype)
@@ -135,7 +143,6 @@ def main() -> None:
         headers.append(f"of copy ceiling ({ceiling:.0f} GB/s)")
     md = markdown_table(headers, table)
     print(md)
-    write_json(args.json, rows)
     if not args.no_results:
         notes = (
             "Dequantize writes the weight's dtype (fp32 rows: fp32 out; bf16 rows: bf16 out). "

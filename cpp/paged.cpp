@@ -4,7 +4,14 @@
 
 #include <torch/python.h>
 
+#include "managed_budget.h"
+
 namespace qlora_ext::paged {
+
+ManagedBudget& managed_budget() {
+  static ManagedBudget budget;
+  return budget;
+}
 
 at::Tensor paged_empty(at::IntArrayRef shape, const at::Tensor& like, int64_t margin_bytes) {
   TORCH_CHECK(margin_bytes >= 0, "margin_bytes must be >= 0, got ", margin_bytes);
@@ -45,12 +52,33 @@ void register_bindings(pybind11::module_& m) {
       },
       py::arg("shape"), py::arg("like"), py::arg("margin_bytes") = 0,
       "Uninitialised tensor of like's dtype and device: CUDA managed memory on a GPU (refused "
-      "past free memory minus margin_bytes), ordinary host memory on the CPU.");
+      "when the live managed bytes plus this request exceed free memory minus margin_bytes), "
+      "ordinary host memory on the CPU.");
   m.def("paged_prefetch", &prefetch, py::arg("tensor"), py::arg("to_device"),
         "Prefetch a managed tensor to its GPU (to_device=True) or to the host, on the current "
         "stream; a no-op for CPU tensors and non-managed memory.");
   m.def("paged_is_managed", &is_managed, py::arg("tensor"),
         "True if the tensor's memory comes from cudaMallocManaged.");
+  m.def(
+      "paged_live_bytes", [](int device) { return managed_budget().live(device); },
+      py::arg("device"),
+      "Bytes of paged (managed) memory this process holds on a CUDA device (Note "
+      "[Managed-memory budget]).");
+  // The budget's rule on its own, with a Python callable as the free-memory source, so the CPU
+  // tests can check the accounting that guards every managed allocation.
+  py::class_<ManagedBudget>(m, "_ManagedBudget")
+      .def(py::init<>())
+      .def(
+          "reserve",
+          [](ManagedBudget& b, int device, size_t bytes, size_t margin, py::function free_bytes) {
+            b.reserve(
+                device, bytes, margin,
+                [&](int d, bool emptied) { return free_bytes(d, emptied).cast<size_t>(); },
+                "test allocation");
+          },
+          py::arg("device"), py::arg("bytes"), py::arg("margin"), py::arg("free_bytes"))
+      .def("release", &ManagedBudget::release, py::arg("device"), py::arg("bytes"))
+      .def("live", &ManagedBudget::live, py::arg("device"));
 }
 
 }  // namespace qlora_ext::paged

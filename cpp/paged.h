@@ -13,8 +13,10 @@ class module_;
 
 namespace qlora_ext::paged {
 
-// Uninitialised, like at::empty. A CUDA `like` gets cudaMallocManaged memory,
-// refused past cudaMemGetInfo's free bytes minus margin_bytes; a CPU `like` gets at::empty.
+// Uninitialised, like at::empty. A CUDA `like` gets cudaMallocManaged memory, refused when the
+// managed bytes already live on that device plus this request exceed its free memory minus
+// margin_bytes (Note [Managed-memory budget]); zero elements give an ordinary empty CUDA tensor.
+// A CPU `like` gets at::empty.
 at::Tensor paged_empty(at::IntArrayRef shape, const at::Tensor& like, int64_t margin_bytes);
 
 // cudaMemPrefetchAsync of t's bytes to its GPU (to_device) or to the host, on the current

@@ -1,14 +1,18 @@
 // CUDA half of the paged-memory helpers: cudaMallocManaged allocations handed to torch through
-// from_blob, and cudaMemPrefetchAsync with CUDA 13's cudaMemLocation. No kernels.
+// from_blob, and cudaMemPrefetchAsync (CUDA 12's and 13's forms), charged against the
+// managed-memory budget (cpp/managed_budget.h). No kernels.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <mutex>
+#include <sstream>
 #include <unordered_map>
 
+#include "managed_budget.h"
 #include "paged.h"
 
 namespace qlora_ext::paged {
@@ -40,36 +44,41 @@ at::Tensor managed_empty_cuda(at::IntArrayRef shape, const at::Tensor& like, int
   int64_t numel = 1;
   for (int64_t d : shape) {
     TORCH_CHECK(d >= 0, "shape must not have negative sizes, got ", shape);
+    TORCH_CHECK(d == 0 || numel <= INT64_MAX / d, "shape ", shape, " has too many elements");
     numel *= d;
   }
+  // Nothing to page: an ordinary (pointer-free) CUDA tensor, since from_blob refuses a null
+  // pointer on CUDA. It is not managed, and prefetching it is a no-op.
+  if (numel == 0) return at::empty(shape, like.options());
+  TORCH_CHECK(numel <= INT64_MAX / int64_t(like.element_size()), "shape ", shape,
+              " is too large");
   const size_t bytes = size_t(numel) * like.element_size();
-  size_t free_b = 0, total_b = 0;
-  check_cuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
-  // Managed memory can oversubscribe the GPU, but the optimizer states are meant to live there
-  // between page-ins; asking for more than what is free (less the caller's margin for
-  // activations) would only thrash, so it is refused with the numbers.
-  // PyTorch's caching allocator may hold much of the card in blocks it is not using (the
-  // states are created in step(), right after backward): driver-free memory leaves them out, so
-  // before refusing, the cache is handed back and free memory read again.
-  const size_t margin = size_t(margin_bytes);
-  size_t allowed = free_b > margin ? free_b - margin : 0;
-  if (bytes > allowed) {
-    c10::cuda::CUDACachingAllocator::emptyCache();
+  const int device = like.device().index();
+  // Note [Managed-memory budget]: charge the running total before asking the driver.
+  auto free_bytes = [](int, bool after_emptying_cache) {
+    if (after_emptying_cache) c10::cuda::CUDACachingAllocator::emptyCache();
+    size_t free_b = 0, total_b = 0;
     check_cuda(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
-    allowed = free_b > margin ? free_b - margin : 0;
-  }
-  TORCH_CHECK(bytes <= allowed, "paged allocation of ", bytes, " bytes (shape ", shape,
-              ") exceeds the free GPU memory of device ", like.device().index(), " (", free_b,
-              " bytes) minus margin_bytes (", margin_bytes,
-              "); lower margin_bytes or free GPU memory");
+    return free_b;
+  };
+  std::ostringstream what;
+  what << "paged allocation of shape " << shape;
+  managed_budget().reserve(device, bytes, size_t(margin_bytes), free_bytes, what.str());
   void* ptr = nullptr;
-  if (bytes > 0) {
-    check_cuda(cudaMallocManaged(&ptr, bytes, cudaMemAttachGlobal), "cudaMallocManaged");
+  const cudaError_t err = cudaMallocManaged(&ptr, bytes, cudaMemAttachGlobal);
+  if (err != cudaSuccess) {
+    managed_budget().release(device, bytes);
+    (void)cudaGetLastError();
+    check_cuda(err, "cudaMallocManaged");
   }
   return at::from_blob(
       ptr, shape,
-      [](void* p) {
-        if (p) cudaFree(p);
+      [device, bytes](void* p) {
+        cudaFree(p);
+        try {  // a deleter must not throw; release() only throws on a double free
+          managed_budget().release(device, bytes);
+        } catch (const c10::Error&) {
+        }
       },
       like.options());
 }
@@ -94,6 +103,9 @@ void prefetch_cuda(const at::Tensor& t, bool to_device) {
     return;
   }
   const c10::cuda::CUDAGuard guard(t.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+#if CUDART_VERSION >= 13000
+  // CUDA 13 removed the device-ordinal form in favour of cudaMemLocation.
   cudaMemLocation loc{};
   if (to_device) {
     loc.type = cudaMemLocationTypeDevice;
@@ -102,9 +114,13 @@ void prefetch_cuda(const at::Tensor& t, bool to_device) {
     loc.type = cudaMemLocationTypeHost;
     loc.id = 0;
   }
-  check_cuda(cudaMemPrefetchAsync(t.data_ptr(), t.nbytes(), loc, 0,
-                                  c10::cuda::getCurrentCUDAStream(device).stream()),
+  check_cuda(cudaMemPrefetchAsync(t.data_ptr(), t.nbytes(), loc, 0, stream),
              "cudaMemPrefetchAsync");
+#else
+  check_cuda(cudaMemPrefetchAsync(t.data_ptr(), t.nbytes(), to_device ? device : cudaCpuDeviceId,
+                                  stream),
+             "cudaMemPrefetchAsync");
+#endif
 }
 
 }  // namespace qlora_ext::paged

@@ -534,20 +534,101 @@ def test_paged_memory_falls_back_to_host_memory_on_cpu():
         qlora_ext._C.paged_empty([3], like, -1)
 
 
+MIB = 1 << 20
+
+
+def test_managed_budget_counts_live_allocations():
+    # The guard in front of every cudaMallocManaged (Note [Managed-memory budget]), driven with
+    # an injected free-memory source. Free memory stays at 1000 MiB because managed pages are
+    # committed only when touched: a guard that compared each request with free memory alone
+    # would accept both halves below.
+    budget = qlora_ext._C._ManagedBudget()
+    calls = []
+
+    def free(device, emptied):
+        calls.append((device, emptied))
+        return 1000 * MIB
+
+    budget.reserve(0, 600 * MIB, 0, free)
+    assert budget.live(0) == 600 * MIB
+    with pytest.raises(RuntimeError, match=r"629145600 bytes of managed memory already live"):
+        budget.reserve(0, 600 * MIB, 0, free)
+    assert calls[-1] == (0, True)  # refused only after the cache was handed back and re-read
+    assert budget.live(0) == 600 * MIB  # a refused request charges nothing
+    budget.reserve(1, 600 * MIB, 0, free)  # another device has its own total
+    budget.release(0, 600 * MIB)
+    budget.reserve(0, 600 * MIB, 0, free)
+    assert budget.live(0) == budget.live(1) == 600 * MIB
+
+
+def test_managed_budget_margin_cache_and_errors():
+    budget = qlora_ext._C._ManagedBudget()
+    # The margin comes off free memory, and the message gives every figure.
+    with pytest.raises(RuntimeError) as err:
+        budget.reserve(0, 901 * MIB, 100 * MIB, lambda d, e: 1000 * MIB)
+    msg = str(err.value)
+    for figure in (901 * MIB, 1000 * MIB, 100 * MIB):
+        assert str(figure) in msg
+    assert "margin_bytes" in msg and "cuda:0" in msg
+    budget.reserve(0, 900 * MIB, 100 * MIB, lambda d, e: 1000 * MIB)  # exactly at the limit
+    budget.release(0, 900 * MIB)
+    # PyTorch's cache can hold memory that is free to us: the second read, after emptying it,
+    # decides. It is taken only when the first read refuses (emptying the cache synchronizes).
+    seen = []
+
+    def free(device, emptied):
+        seen.append(emptied)
+        return (800 if emptied else 100) * MIB
+
+    budget.reserve(0, 500 * MIB, 0, free)
+    assert seen == [False, True]
+    seen.clear()
+    budget.reserve(0, 50 * MIB, 0, lambda d, e: seen.append(e) or 1000 * MIB)
+    assert seen == [False]
+    # No overflow in live + bytes: a request near 2^64 is refused, not wrapped around.
+    with pytest.raises(RuntimeError, match="refused"):
+        budget.reserve(0, (1 << 64) - 1, 0, lambda d, e: 1000 * MIB)
+    with pytest.raises(RuntimeError, match="freed twice"):
+        budget.release(0, 10_000 * MIB)
+
+
 @pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and the CUDA kernels")
 def test_paged_memory_on_cuda():
     like = torch.empty(0, device="cuda")
+    base = qlora_ext._C.paged_live_bytes(0)
     t = qlora_ext._C.paged_empty([1 << 20], like, 0)
     assert t.is_cuda and qlora_ext._C.paged_is_managed(t)
+    assert qlora_ext._C.paged_live_bytes(0) == base + 4 * (1 << 20)
     t.fill_(2.0)
     qlora_ext._C.paged_prefetch(t, True)
     qlora_ext._C.paged_prefetch(t, False)
     assert float(t.sum()) == 2.0 * (1 << 20)
     assert not qlora_ext._C.paged_is_managed(torch.empty(10, device="cuda"))
-    free, _ = torch.cuda.mem_get_info()
-    with pytest.raises(RuntimeError, match="exceeds the free GPU memory .* minus margin_bytes"):
-        qlora_ext._C.paged_empty([free // 4 + 1024], like, 0)
-    with pytest.raises(RuntimeError, match="minus margin_bytes"):
+    del t
+    assert qlora_ext._C.paged_live_bytes(0) == base  # freed tensors leave the running total
+    empty = qlora_ext._C.paged_empty([0, 7], like, 0)  # nothing to page: a plain empty tensor
+    assert empty.is_cuda and empty.shape == (0, 7) and not qlora_ext._C.paged_is_managed(empty)
+    qlora_ext._C.paged_prefetch(empty, True)
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a CUDA device and the CUDA kernels")
+def test_paged_memory_cannot_oversubscribe_the_gpu():
+    # Every request here that could oversubscribe the card is refused before cudaMallocManaged
+    # is called; the one accepted is half the free memory, and its pages are never touched.
+    like = torch.empty(0, dtype=torch.uint8, device="cuda")
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    base = qlora_ext._C.paged_live_bytes(0)
+    with pytest.raises(RuntimeError, match="refused on cuda:0"):
+        qlora_ext._C.paged_empty([2 * total], like, 0)
+    half = free // 2 + 64 * MIB
+    first = qlora_ext._C.paged_empty([half], like, 0)
+    with pytest.raises(RuntimeError, match="already live"):
+        qlora_ext._C.paged_empty([half], like, 0)
+    assert qlora_ext._C.paged_live_bytes(0) == base + half
+    del first
+    assert qlora_ext._C.paged_live_bytes(0) == base
+    with pytest.raises(RuntimeError, match="margin_bytes"):
         qlora_ext._C.paged_empty([1 << 20], like, free)
 
 

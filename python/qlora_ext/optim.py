@@ -11,7 +11,9 @@ Policy (Note [Paging policy]):
   with ``page_out=True`` they are prefetched back to the host right after, so between steps the
   states hold no GPU memory (at the cost of two PCIe transfers per step). Without it the driver
   migrates pages only when the GPU runs out of memory.
-- A managed allocation larger than the free GPU memory minus ``margin_bytes`` is refused.
+- A managed allocation is refused when the managed bytes this process already holds on that GPU
+  plus the request exceed its free memory minus ``margin_bytes`` (Note [Managed-memory budget]
+  in cpp/managed_budget.h): asking for more than the GPU has free can hang it.
 
 The maths is torch.optim.AdamW's (decoupled weight decay, bias correction; Note [AdamW order] in
 cpp/optim_math.h). A parameter whose gradient has a NaN/Inf is skipped whole: parameter and
