@@ -16,11 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 import random
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from .checkpoint import resume, save_checkpoint
 
 OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw_8bit")
 
@@ -312,73 +311,6 @@ def _save_adapter(model, cfg: TrainConfig, directory: Path) -> None:
     (directory / QUANT_CONFIG_NAME).write_text(json.dumps(quant, indent=2))
 
 
-# ---------------------------------------------------------------- checkpoints
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(
-    out: Path, step: int, model, opt, sched, history: dict, keep: int = 2, before=None
-) -> Path:
-    """Written to a temporary directory, then renamed: a kill never leaves a half checkpoint
-    that looks complete."""
-    ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / f"step_{step:06d}"
-    tmp = ckdir / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(
-        {
-            "step": step,
-            "trainable": trainable,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "rng": _rng_state(),
-            "history": history,
-            "before": before,  # the pre-training eval, which a resumed run cannot redo
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "COMPLETE").write_text(str(step))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckdir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in sorted((out / "checkpoints").glob("step_*")) if (p / "COMPLETE").exists()]
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, dict, dict | None]:
-    st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    missing = set(st["trainable"]) - set(params)
-    if missing:
-        raise ValueError(f"{path}: checkpoint does not match the model ({sorted(missing)[:3]} ...)")
-    with torch.no_grad():
-        for n, t in st["trainable"].items():
-            params[n].copy_(t)
-    opt.load_state_dict(st["optimizer"])
-    sched.load_state_dict(st["scheduler"])
-    _set_rng_state(st["rng"])
-    return int(st["step"]), st["history"], st.get("before")
-
-
 # ---------------------------------------------------------------- the job
 def _batch_plan(n_items: int, total_batches: int, batch_size: int, seed: int) -> list[list[int]]:
     """Which examples each batch takes: epoch-wise permutations from a fixed seed, so a resumed
@@ -469,11 +401,11 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
     start_step, before = 0, None
     if cfg.resume:
-        ck = latest_checkpoint(out)
-        if ck is None:
+        found = resume(out, model, opt, sched, log)
+        if found is None:
             log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
         else:
-            start_step, history, before = load_checkpoint(ck, model, opt, sched)
+            ck, start_step, history, before = found
             log(f"resumed from {ck} (step {start_step})")
             if before is not None:
                 _print_eval("before (from the first run)", before, log)
