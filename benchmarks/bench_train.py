@@ -28,7 +28,7 @@ def child(config: str, steps: int, device: str) -> dict:
 
     import torch
 
-    from qlora_ext.models import load_model
+    from qlora_ext.loading import load_model
 
     torch.manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16

@@ -42,7 +42,7 @@ __all__ = [
 
 # LoRA (issue 4): the fused LoRA layer and whole-model preparation and adapters.
 from .lora import LoRALinear4bit, lora_4bit  # noqa: E402
-from .model import load_adapter, merge_adapter, prepare_model, save_adapter  # noqa: E402
+from .adapters import load_adapter, merge_adapter, prepare_model, save_adapter  # noqa: E402
 
 __all__ += [
     "LoRALinear4bit",

@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args, adapter: str | None = None, r_default: int = 16):
     import torch
 
-    from .models import ModelNotFound, load_model
+    from .loading import ModelNotFound, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
@@ -204,7 +204,7 @@ def _load(args, adapter: str | None = None, r_default: int = 16):
     if adapter:
         import json
 
-        from .model import load_adapter, prepare_model
+        from .adapters import load_adapter, prepare_model
         from .train import QUANT_CONFIG_NAME
 
         compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -289,7 +289,7 @@ def _cmd_generate(args) -> int:
 def _cmd_merge(args) -> int:
     import torch
 
-    from .model import merge_adapter
+    from .adapters import merge_adapter
 
     model, tok, _ = _load(args, args.adapter)
     dtype = getattr(torch, args.dtype)
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     from .data import DataError
-    from .models import ModelNotFound
+    from .loading import ModelNotFound
 
     cmd = {
         "finetune": _cmd_finetune,
