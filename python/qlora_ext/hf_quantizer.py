@@ -250,7 +250,9 @@ class QloraExtHfQuantizer(HfQuantizer):
             stash = m.__dict__.pop("_loaded_state", None) if isinstance(m, Linear4bit) else None
             if stash is not None:
                 m._set_weight(*stash)
-        empty = [n for n, m in model.named_modules() if isinstance(m, Linear4bit) and m._meta is None]
+        empty = [
+            n for n, m in model.named_modules() if isinstance(m, Linear4bit) and m._meta is None
+        ]
         if empty:
             raise ValueError(
                 f"the checkpoint has no weight for {len(empty)} quantized layers ({empty[:3]}...)"
