@@ -107,7 +107,9 @@ def test_save_and_reload_without_requantizing(bf16_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Linear4bit, "quantize_weight_", no_quantize)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
-    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), again.state_dict().items()):
+    for (n1, t1), (n2, t2) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
         assert n1 == n2 and t1.dtype == t2.dtype and torch.equal(t1, t2), n1
     assert type(again.model.layers[0].self_attn.v_proj) is nn.Linear
     x = tokens()

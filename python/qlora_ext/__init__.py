@@ -40,9 +40,9 @@ __all__ = [
     "quantize_blockwise_8bit",
 ]
 
-# LoRA (issue 4): the fused LoRA layer and whole-model preparation and adapters.
-from .lora import LoRALinear4bit, lora_4bit  # noqa: E402
+# LoRA: the fused LoRA layer and whole-model preparation and adapters.
 from .adapters import load_adapter, merge_adapter, prepare_model, save_adapter  # noqa: E402
+from .lora import LoRALinear4bit, lora_4bit  # noqa: E402
 
 __all__ += [
     "LoRALinear4bit",

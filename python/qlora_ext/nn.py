@@ -8,6 +8,7 @@ checkpoint of ``bitsandbytes.nn.Linear4bit`` loads here and ours loads there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,6 +19,20 @@ from .quant_state import NestedState, QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
 _QUANT_STATE_ATTRS = frozenset(("weight", "_meta", "in_features", "out_features", *_STATE_BUFFERS))
+
+
+def _autocast_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None):
+    """(dtype to compute in, the autocast context to run the op in).
+
+    Note [4-bit ops under autocast]: our ops take x and the adapters in their own dtypes and
+    choose their accumulation themselves (Note [LoRA accumulation]); autocast reaching the
+    matmuls inside them would mix dtypes. So the op runs with autocast off, in autocast's
+    dtype when autocast is on (as a dense nn.Linear would) and in compute_dtype otherwise.
+    """
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind), torch.autocast(kind, enabled=False)
+    return compute_dtype, contextlib.nullcontext()
 
 
 class Linear4bit(nn.Module):
@@ -254,10 +269,14 @@ class Linear4bit(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
+        dtype, ctx = _autocast_dtype(x, self.compute_dtype)  # Note [4-bit ops under autocast]
+        if dtype is not None:
+            x = x.to(dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return matmul_4bit(x, self.weight, self.quant_state, bias).to(in_dtype)
+        with ctx:
+            y = matmul_4bit(x, self.weight, self.quant_state, bias)
+        # Under autocast the result stays in autocast's dtype, as a dense layer's would.
+        return y if dtype is not None and dtype != self.compute_dtype else y.to(in_dtype)
 
     def extra_repr(self) -> str:
         m = self._meta

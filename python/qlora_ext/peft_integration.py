@@ -1,4 +1,4 @@
-"""PEFT on our kernels: ``get_peft_model`` turns each targeted ``Linear4bit`` into ``PeftLoraLinear4bit``.
+"""PEFT on our kernels: ``get_peft_model`` makes each targeted ``Linear4bit`` a fused LoRA layer.
 
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=QloraExtConfig())
     model = peft.prepare_model_for_kbit_training(model)
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .lora import lora_4bit
-from .nn import Linear4bit
+from .nn import Linear4bit, _autocast_dtype
 
 _INSTALLED = "_qlora_ext_installed"
 
@@ -65,16 +65,18 @@ def _make_layer_class():
             if name is None:
                 return self._generic_forward(x, *args, **kwargs)
             in_dtype = x.dtype
-            if base.compute_dtype is not None:
-                x = x.to(base.compute_dtype)
+            dtype, ctx = _autocast_dtype(x, base.compute_dtype)  # Note [4-bit ops under autocast]
+            if dtype is not None:
+                x = x.to(dtype)
             bias = None if base.bias is None else base.bias.to(x.dtype)
             drop = self.lora_dropout[name]
             p = drop.p if (self.training and isinstance(drop, nn.Dropout)) else 0.0
-            y = lora_4bit(
-                x, base.weight, base.quant_state, self.lora_A[name].weight,
-                self.lora_B[name].weight, self.scaling[name], p, None, bias,
-            )  # fmt: skip
-            return y.to(in_dtype)
+            with ctx:
+                y = lora_4bit(
+                    x, base.weight, base.quant_state, self.lora_A[name].weight,
+                    self.lora_B[name].weight, self.scaling[name], p, None, bias,
+                )  # fmt: skip
+            return y if dtype is not None and dtype != base.compute_dtype else y.to(in_dtype)
 
         def _generic_forward(self, x, *args, **kwargs):
             y = self.base_layer(x, *args, **kwargs)
