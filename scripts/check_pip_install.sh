@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 VENV=${PIP_CHECK_VENV:-$(mktemp -d)/venv}
 python3 -m venv "$VENV"
-PIP="$VENV/bin/pip --quiet"
+PIP="$VENV/bin/pip --quiet --no-warn-script-location"
 $PIP install torch==2.13.0 numpy
 # --no-build-isolation builds with what the venv holds: the build tools, as the README says.
 $PIP install scikit-build-core pybind11 cmake ninja
@@ -18,7 +18,7 @@ $PIP install --no-build-isolation .
 "$VENV/bin/python" -c "import qlora_ext; print('kernels only:', qlora_ext.build_info())"
 "$VENV/bin/qlora-ext" finetune --help > /dev/null
 set +e
-err=$("$VENV/bin/qlora-ext" finetune --model /nonexistent --steps 1 2>&1)
+err=$("$VENV/bin/qlora-ext" finetune --model /nonexistent --steps 1 2>&1 >/dev/null)
 rc=$?
 set -e
 echo "without the extra: rc=$rc: $err"
