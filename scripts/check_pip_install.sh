@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 VENV=${PIP_CHECK_VENV:-$(mktemp -d)/venv}
 python3 -m venv "$VENV"
-PIP="$VENV/bin/pip --quiet --no-warn-script-location"
+PIP="$VENV/bin/pip --quiet"
 $PIP install torch==2.13.0 numpy
 # --no-build-isolation builds with what the venv holds: the build tools, as the README says.
 $PIP install scikit-build-core pybind11 cmake ninja

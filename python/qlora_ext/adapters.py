@@ -408,4 +408,19 @@ def merge_adapter(
         parent, leaf = _parent(out, name)
         setattr(parent, leaf, new)
     _cast_unquantized(out, dtype)
+    if not requantize:
+        _drop_quantization_config(out)
     return out
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    # A model loaded with QloraExtConfig carries it in its config; once every 4-bit layer is a
+    # 16-bit nn.Linear, saving it so would write a checkpoint whose config.json says 4 bits.
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        return
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for attr in ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit"):
+        if attr in model.__dict__:
+            delattr(model, attr)
