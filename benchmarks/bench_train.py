@@ -40,6 +40,8 @@ def flow_model(config: str, dtype, device: str):
         from qlora_ext.loading import load_model
 
         m, t = load_model(None, torch.bfloat16, "cpu")
+        # Loaded from GGUF (dequantized): saved as a plain bf16 checkpoint, not as "gguf".
+        m.hf_quantizer.remove_quantization_config(m)
         m.save_pretrained(FLOW_DIR)
         t.save_pretrained(FLOW_DIR)
     if config == "flow_qlora_ext":

@@ -149,6 +149,9 @@ def test_bitsandbytes_checkpoint_loads_into_our_layers(bf16_dir, tmp_path):
     # bitsandbytes' CPU matmul rounds below fp32 (about 2e-3 here), so its logits are not the
     # fp32 ones; ours are as close to them as theirs are to the reference.
     assert (a - b).abs().max() <= (b - r).abs().max() + 1e-5
+    # Our config on their checkpoint directly: transformers names both config classes.
+    with pytest.raises(ValueError, match="quantized with BitsAndBytesConfig but you are passing"):
+        _load(tmp_path, quantization_config=qlora_ext.QloraExtConfig(), dtype=torch.float32)
 
 
 def test_unknown_quant_type_is_refused():
