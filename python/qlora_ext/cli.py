@@ -207,7 +207,8 @@ def _load(args, adapter: str | None = None, r_default: int = 16):
         )
     import json
 
-    from .train import QUANT_CONFIG_NAME, quant_args
+    from .loading import quant_args
+    from .train import QUANT_CONFIG_NAME
 
     compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
     quant = {}

@@ -34,6 +34,20 @@ def default_model_path() -> Path:
     return path
 
 
+def quant_args(quant, compute_dtype) -> dict | None:
+    """QloraExtConfig's arguments for the streaming 4-bit load (None: a 16-bit model).
+    ``quant`` is a TrainConfig (train.py) or the dict saved as QUANT_CONFIG_NAME."""
+    get = quant.get if isinstance(quant, dict) else lambda k, d=None: getattr(quant, k, d)
+    if get("quant_type", "nf4") == "none":
+        return None
+    return dict(
+        quant_type=get("quant_type", "nf4"),
+        blocksize=get("blocksize", 64),
+        double_quant=get("double_quant", True),
+        compute_dtype=compute_dtype,
+    )
+
+
 def _quantization_kwargs(path: Path, quant: dict | None) -> dict:
     """from_pretrained's arguments for the 4-bit streaming load of an HF directory.
 

@@ -301,20 +301,6 @@ def _make_optimizer(cfg: TrainConfig, params):
 QUANT_CONFIG_NAME = "qlora_ext_quant.json"
 
 
-def quant_args(quant, compute_dtype) -> dict | None:
-    """QloraExtConfig's arguments for the streaming 4-bit load (None: a 16-bit model).
-    ``quant`` is a TrainConfig or the dict saved as QUANT_CONFIG_NAME."""
-    get = quant.get if isinstance(quant, dict) else lambda k, d=None: getattr(quant, k, d)
-    if get("quant_type", "nf4") == "none":
-        return None
-    return dict(
-        quant_type=get("quant_type", "nf4"),
-        blocksize=get("blocksize", 64),
-        double_quant=get("double_quant", True),
-        compute_dtype=compute_dtype,
-    )
-
-
 def _save_adapter(model, cfg: TrainConfig, directory: Path) -> None:
     if cfg.quant_type == "none":
         model.save_pretrained(directory)
@@ -428,7 +414,7 @@ def _with_response(items: list[D.Tokenized], what: str, seq_len: int, log) -> li
 
 def finetune(cfg: TrainConfig, log=print) -> dict:
     cfg.validate()
-    from .loading import load_model
+    from .loading import load_model, quant_args
 
     t_start = time.time()
     out = Path(cfg.output_dir)
