@@ -14,7 +14,10 @@ $PIP install torch==2.13.0 numpy
 # --no-build-isolation builds with what the venv holds: the build tools, as the README says.
 $PIP install scikit-build-core pybind11 cmake ninja
 export QLORA_EXT_CUDA=0 HF_HUB_OFFLINE=1
-$PIP install --no-build-isolation .
+# Its own CMake tree: the CPU-only configuration must not reconfigure the one `make build` keeps
+# in build/ (that would make the next `make build` recompile every CUDA kernel).
+BUILD=(-C build-dir=build/pip-check)
+$PIP install --no-build-isolation "${BUILD[@]}" .
 "$VENV/bin/python" -c "import qlora_ext; print('kernels only:', qlora_ext.build_info())"
 "$VENV/bin/qlora-ext" finetune --help > /dev/null
 set +e
@@ -24,7 +27,7 @@ set -e
 echo "without the extra: rc=$rc: $err"
 [ "$rc" = 2 ] && [ "$(printf '%s\n' "$err" | wc -l)" = 1 ] && grep -q "pip install" <<< "$err" \
     || { echo "FAIL: a missing dependency must be one line naming the install command"; exit 1; }
-$PIP install --no-build-isolation ".[train]"
+$PIP install --no-build-isolation "${BUILD[@]}" ".[train]"
 "$VENV/bin/qlora-ext" finetune --help > /dev/null
 work=$(mktemp -d)
 "$VENV/bin/python" -c "import sys; sys.path.insert(0, 'tests'); \
