@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CXX_SOURCES = $(shell find cpp cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PY_SOURCES = python tests benchmarks scripts
 
-.PHONY: venv build test lint format bench demo clean
+.PHONY: venv build test lint format bench demo clean check-pip-install
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
@@ -26,6 +26,10 @@ build: $(STAMP)
 test: build
 	$(BIN)/python scripts/check_cuda_build.py
 	$(BIN)/python -m pytest tests -q
+
+# The README's pip line in a fresh venv (CPU torch, CPU-only build), then the CLI on a tiny model.
+check-pip-install:
+	bash scripts/check_pip_install.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(PY_SOURCES)

@@ -7,6 +7,12 @@ warm-up) and peak memory, with a breakdown into weights, adapters, optimizer sta
 rest (activations, gradients, workspace).
 
     python benchmarks/bench_train.py [--steps 3] [--device cpu]
+    python benchmarks/bench_train.py --flow peft   # the transformers + PEFT flow, both ways
+
+``--flow peft`` times the flow QLoRA users run: ``from_pretrained(quantization_config=...)``,
+``prepare_model_for_kbit_training``, ``get_peft_model(LoraConfig(all-linear))``, with our
+``QloraExtConfig`` against bitsandbytes' ``BitsAndBytesConfig`` (same model, batch and seed).
+The model is SmolLM2-135M's weights, written once as a bf16 HF directory in benchmarks/out/.
 """
 
 from __future__ import annotations
@@ -20,6 +26,42 @@ import sys
 import time
 
 CONFIGS = ["qlora_ext", "peft_fp32", "peft_bnb"]
+FLOW_CONFIGS = ["flow_qlora_ext", "flow_bnb"]
+FLOW_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "smollm2-bf16")
+
+
+def flow_model(config: str, dtype, device: str):
+    """The transformers + PEFT flow on SmolLM2's weights, with our config or bitsandbytes'."""
+    import peft
+    import torch
+    import transformers
+
+    if not os.path.isfile(os.path.join(FLOW_DIR, "config.json")):
+        from qlora_ext.loading import load_model
+
+        m, t = load_model(None, torch.bfloat16, "cpu")
+        # Loaded from GGUF (dequantized): saved as a plain bf16 checkpoint, not as "gguf".
+        m.hf_quantizer.remove_quantization_config(m)
+        m.save_pretrained(FLOW_DIR)
+        t.save_pretrained(FLOW_DIR)
+    if config == "flow_qlora_ext":
+        import qlora_ext
+
+        qc = qlora_ext.QloraExtConfig(compute_dtype=dtype)
+    else:
+        qc = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        FLOW_DIR, quantization_config=qc, dtype=dtype, device_map=device
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(FLOW_DIR)
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = peft.LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return peft.get_peft_model(model, lora), tok
 
 
 def child(config: str, steps: int, device: str) -> dict:
@@ -28,13 +70,18 @@ def child(config: str, steps: int, device: str) -> dict:
 
     import torch
 
-    from qlora_ext.models import load_model
+    from qlora_ext.loading import load_model
 
     torch.manual_seed(0)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model, tok = load_model(None, torch.float32, device)
+    if config.startswith("flow_"):
+        model, tok = flow_model(config, dtype, device)
+    else:
+        model, tok = load_model(None, torch.float32, device)
     model.config.use_cache = False
-    if config == "qlora_ext":
+    if config.startswith("flow_"):
+        pass
+    elif config == "qlora_ext":
         from qlora_ext import prepare_model
 
         model = prepare_model(
@@ -128,6 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--flow", choices=["prepare_model", "peft"], default="prepare_model")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-results", action="store_true")
@@ -138,7 +186,8 @@ def main() -> None:
     from _common import markdown_table, write_json, write_section
 
     rows = []
-    for c in CONFIGS:
+    configs = FLOW_CONFIGS if args.flow == "peft" else CONFIGS
+    for c in configs:
         p = subprocess.run(
             [
                 sys.executable,
@@ -163,7 +212,7 @@ def main() -> None:
     base = {r["config"]: r for r in rows}
     table = []
     for r in rows:
-        ours = base.get("qlora_ext")
+        ours = base.get(configs[0])
         rel = f"{r['step_s'] / ours['step_s']:.2f}x ours" if ours and r is not ours else "-"
         table.append(
             [
@@ -193,13 +242,22 @@ def main() -> None:
     print(md)
     write_json(args.json, rows)
     if not args.no_results:
+        flow = args.flow == "peft"
         write_section(
-            f"bench_train:{args.device}",
-            f"One training step, SmolLM2-135M ({args.device})",
+            f"bench_train{':peft' if flow else ''}:{args.device}",
+            f"One training step, SmolLM2-135M ({args.device})"
+            + (", transformers + PEFT flow" if flow else ""),
             md,
             args.device,
             "batch 4 x seq 256, r=16 on every linear layer, AdamW; "
-            "each configuration in its own process; peak = RSS high-water mark on CPU.",
+            "each configuration in its own process; peak = RSS high-water mark on CPU."
+            + (
+                " Both: from_pretrained(quantization_config=QloraExtConfig() or "
+                "BitsAndBytesConfig(nf4, double quant)), prepare_model_for_kbit_training, "
+                "get_peft_model(LoraConfig(all-linear))."
+                if flow
+                else ""
+            ),
         )
 
 

@@ -24,7 +24,7 @@ import torch
 from _common import markdown_table, pyplot, write_json, write_section
 
 import qlora_ext
-from qlora_ext.models import load_model
+from qlora_ext.loading import load_model
 
 CONFIGS = [  # name, quant_type, blocksize, double_quant
     ("fp32", None, None, False),

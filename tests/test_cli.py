@@ -12,8 +12,10 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
+import torch  # noqa: E402
 from tiny_hf_model import make_tiny_model_dir  # noqa: E402
 
+import qlora_ext  # noqa: E402
 from qlora_ext import cli  # noqa: E402
 
 FAST = [
@@ -180,3 +182,29 @@ def test_eval_generate_merge_quantize(tiny_dir, tmp_path, capsys):
     key = "model.layers.0.self_attn.q_proj.weight"
     assert sd[key].dtype.is_floating_point is False and f"{key}.quant_state.bitsandbytes__nf4" in sd
     assert "model.embed_tokens.weight" in sd and "lm_head.weight" in sd
+
+
+def test_quantize_writes_a_4bit_checkpoint_every_command_loads(tiny_dir, tmp_path, capsys):
+    import transformers
+
+    from qlora_ext.nn import Linear4bit
+
+    q = tmp_path / "tiny-nf4"
+    assert cli.main(["quantize", "--model", tiny_dir, "--output", str(q)]) == 0
+    cfg = json.loads((q / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "qlora_ext" and cfg["quant_type"] == "nf4"
+    # It reloads in 4 bits, bit-identical to quantizing the 16-bit model's weight.
+    model = transformers.AutoModelForCausalLM.from_pretrained(q, device_map="cpu")
+    layer = model.model.layers[1].mlp.down_proj
+    assert type(layer) is Linear4bit
+    src = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    packed, _ = qlora_ext.quantize_4bit(src.model.layers[1].mlp.down_proj.weight, 64, "nf4")
+    assert torch.equal(layer.weight.reshape(-1), packed.reshape(-1))
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), "--steps", "2", *FAST]
+    assert cli.main(["finetune", "--model", str(q), *args]) == 0
+    adapter = str(out / "adapter")
+    assert cli.main(["eval", "--model", str(q), "--adapter", adapter, "--eval-size", "2"]) == 0
+    assert "held-out loss" in capsys.readouterr().out
+    gen = ["generate", "--model", str(q), "--adapter", adapter, "--prompt", "Hi"]
+    assert cli.main([*gen, "--max-new-tokens", "3"]) == 0

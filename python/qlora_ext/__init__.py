@@ -40,9 +40,9 @@ __all__ = [
     "quantize_blockwise_8bit",
 ]
 
-# LoRA (issue 4): the fused LoRA layer and whole-model preparation and adapters.
+# LoRA: the fused LoRA layer and whole-model preparation and adapters.
+from .adapters import load_adapter, merge_adapter, prepare_model, save_adapter  # noqa: E402
 from .lora import LoRALinear4bit, lora_4bit  # noqa: E402
-from .model import load_adapter, merge_adapter, prepare_model, save_adapter  # noqa: E402
 
 __all__ += [
     "LoRALinear4bit",
@@ -53,3 +53,16 @@ __all__ += [
     "save_adapter",
 ]
 from . import optim  # noqa: E402,F401  (qlora_ext.optim.PagedAdamW, PagedAdamW8bit)
+
+# transformers integration, imported on first use so that `import qlora_ext` never imports
+# transformers: touching qlora_ext.QloraExtConfig registers the "qlora_ext" quantization method.
+_LAZY = {"QloraExtConfig": "hf_quantizer", "config_from_bitsandbytes": "hf_quantizer"}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'qlora_ext' has no attribute {name!r}")

@@ -23,7 +23,8 @@ EPILOG = {
     "  qlora-ext generate --adapter runs/demo/adapter --prompt 'What is 7 * 8?'\n"
     "  qlora-ext generate            # interactive chat (empty line or Ctrl-D quits)",
     "merge": "example:\n  qlora-ext merge --adapter runs/demo/adapter --output-dir runs/merged",
-    "quantize": "example:\n  qlora-ext quantize --output runs/smollm2-nf4.safetensors",
+    "quantize": "example:\n  qlora-ext quantize --output runs/smollm2-nf4\n"
+    "  qlora-ext finetune --model runs/smollm2-nf4",
 }
 
 
@@ -178,7 +179,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG["quantize"],
     )
     _add_model(q)
-    q.add_argument("--output", required=True, help="a .safetensors file")
+    q.add_argument(
+        "--output",
+        required=True,
+        help="a directory (a 4-bit HF checkpoint, for --model) or a .safetensors file",
+    )
     q.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit data type")
     q.add_argument("--blocksize", type=int, default=64, help="4-bit quantization block")
     q.add_argument(
@@ -193,25 +198,34 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args, adapter: str | None = None, r_default: int = 16):
     import torch
 
-    from .models import ModelNotFound, load_model
+    from .loading import ModelNotFound, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelNotFound(
             f"--adapter: {adapter} is not an adapter directory (no adapter_config.json there)"
         )
-    model, tok = load_model(args.model, torch.float32, device)
+    import json
+
+    from .loading import quant_args
+    from .train import QUANT_CONFIG_NAME
+
+    compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    quant = {}
     if adapter:
-        import json
-
-        from .model import load_adapter, prepare_model
-        from .train import QUANT_CONFIG_NAME
-
-        compute_dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
         qpath = Path(adapter) / QUANT_CONFIG_NAME
         # Adapters from elsewhere (PEFT) have no such file: the QLoRA default base.
         quant = json.loads(qpath.read_text()) if qpath.is_file() else {}
+    elif getattr(args, "quant_type", None) is not None:  # quantize
+        quant = dict(
+            quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant
+        )
+    stream = quant_args(quant, compute_dtype) if (adapter or quant) else None
+    model, tok = load_model(args.model, torch.float32, device, stream)
+    if adapter:
+        from .adapters import load_adapter, prepare_model
+
+        cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
         if quant.get("quant_type") == "none":  # a 16-bit LoRA adapter: PEFT on the plain model
             import peft
 
@@ -289,7 +303,7 @@ def _cmd_generate(args) -> int:
 def _cmd_merge(args) -> int:
     import torch
 
-    from .model import merge_adapter
+    from .adapters import merge_adapter
 
     model, tok, _ = _load(args, args.adapter)
     dtype = getattr(torch, args.dtype)
@@ -310,24 +324,50 @@ def _cmd_quantize(args) -> int:
 
     from .nn import Linear4bit
 
-    model, _, _ = _load(args)
-    sd: dict[str, torch.Tensor] = {}
-    n = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
-            if mod.in_features % args.blocksize:
-                continue
-            q = Linear4bit.from_linear(mod, args.quant_type, args.blocksize, args.double_quant)
-            sd.update({f"{name}.{k}": v.contiguous() for k, v in q.state_dict().items()})
-            n += 1
-    for name, t in model.state_dict().items():
-        mod_name = name.rsplit(".", 1)[0]
-        if not any(k.startswith(mod_name + ".weight") for k in sd):
-            sd.setdefault(name, t.contiguous())
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, args.output)
-    print(f"wrote {args.output}: {n} linear layers in {args.quant_type} (bitsandbytes keys)")
+    # An HF directory streams through the 4-bit load; a GGUF file arrives dequantized (its
+    # reader does that), so its linear layers are quantized here, one at a time.
+    model, tok, _ = _load(args)
+    if not any(type(m) is Linear4bit for m in model.modules()):
+        out_layer = model.get_output_embeddings()
+        for name, mod in list(model.named_modules()):
+            if type(mod) is torch.nn.Linear and mod is not out_layer and "lm_head" not in name:
+                if mod.in_features % args.blocksize:
+                    raise ValueError(
+                        f"--blocksize {args.blocksize} does not divide in_features="
+                        f"{mod.in_features} of layer {name}"
+                    )
+                q = Linear4bit.from_linear(mod, args.quant_type, args.blocksize, args.double_quant)
+                model.set_submodule(name, q)
+        from .hf_quantizer import QloraExtConfig
+
+        model.config.quantization_config = QloraExtConfig(
+            quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant
+        ).to_dict()
+    n = sum(type(m) is Linear4bit for m in model.modules())
+    out = Path(args.output)
+    if out.suffix == ".safetensors":  # one file of tensors, bitsandbytes' keys
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    else:  # an HF directory that from_pretrained and every subcommand's --model load in 4 bits
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    print(f"wrote {out}: {n} linear layers in {args.quant_type} (bitsandbytes keys)")
     return 0
+
+
+# The packages of the `train` extra (pyproject.toml) and what they bring (tokenizers).
+TRAIN_EXTRA = frozenset(
+    (
+        "transformers",
+        "peft",
+        "accelerate",
+        "safetensors",
+        "gguf",
+        "tqdm",
+        "matplotlib",
+        "tokenizers",
+    )
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     from .data import DataError
-    from .models import ModelNotFound
+    from .loading import ModelNotFound
 
     cmd = {
         "finetune": _cmd_finetune,
@@ -351,6 +391,17 @@ def main(argv: list[str] | None = None) -> int:
         return cmd(args)
     except (DataError, ModelNotFound, ValueError) as e:
         print(f"qlora-ext {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in TRAIN_EXTRA:
+            raise
+        print(
+            f"qlora-ext {args.cmd}: error: needs the Python package {top!r}, which is not "
+            f'installed: pip install "qlora_ext[train]" (in a source tree: '
+            f'pip install --no-build-isolation ".[train]")',
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -154,6 +154,32 @@ class LoRALinear4bit(Linear4bit):
         m._init_adapter(r, alpha, dropout, adapter_dtype)
         return m
 
+    @classmethod
+    def from_linear4bit(
+        cls,
+        layer: Linear4bit,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.05,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> LoRALinear4bit:
+        """Attach a LoRA adapter to an already quantized ``Linear4bit`` (sharing its weight)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = layer.in_features, layer.out_features
+        m.compute_dtype = compute_dtype
+        m.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        for name in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset"):
+            m.register_buffer(name, None, persistent=False)
+        m._set_weight(layer.weight.data, layer.quant_state)
+        if layer.bias is not None:
+            m.bias = nn.Parameter(layer.bias.detach())
+        else:
+            m.register_parameter("bias", None)
+        m._init_adapter(r, alpha, dropout, adapter_dtype)
+        return m
+
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r

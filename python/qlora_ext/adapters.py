@@ -3,7 +3,7 @@
     model = qlora_ext.prepare_model(model, r=16, alpha=32, target_modules="all-linear")
     ...train the LoRA parameters (the only ones with requires_grad)...
     qlora_ext.save_adapter(model, "out/")      # PEFT's adapter_config.json + safetensors
-    qlora_ext.load_adapter(model, "out/")      # ours or one PEFT trained; never unpickles
+    qlora_ext.load_adapter(model, "out/")      # ours or one PEFT trained; JSON + safetensors only
     merged = qlora_ext.merge_adapter(model)    # plain 16-bit model, W = dequant(W4) + s·B@A
 
 Module paths are those of the model passed in; PEFT's keys are the same paths under
@@ -43,7 +43,10 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 
 def _select_targets(model: nn.Module, target_modules) -> list[str]:
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # A Linear4bit (from a 4-bit load) is a target too; a LoRALinear4bit already has its adapter.
+    linears = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m) is Linear4bit
+    ]
     if target_modules == "all-linear":
         skip = _output_layer_names(model)
         chosen = [n for n in linears if n not in skip and n.rsplit(".", 1)[-1] not in skip]
@@ -139,9 +142,12 @@ def prepare_model(
         parent, leaf = _parent(model, name)
         linear = getattr(parent, leaf)
         try:
-            layer = LoRALinear4bit.from_linear(
-                linear, r, alpha, dropout, quant_type, double_quant, compute_dtype, blocksize
-            )
+            if type(linear) is Linear4bit:  # quantized on load: keep its 4-bit weight as it is
+                layer = LoRALinear4bit.from_linear4bit(linear, r, alpha, dropout, compute_dtype)
+            else:
+                layer = LoRALinear4bit.from_linear(
+                    linear, r, alpha, dropout, quant_type, double_quant, compute_dtype, blocksize
+                )
         except ValueError as e:
             raise ValueError(f"cannot quantize {name}: {e}") from e
         if layer.bias is not None:
@@ -295,9 +301,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a LoRA adapter written by ``save_adapter`` or by PEFT into a model prepared by
     ``prepare_model``; returns the model.
 
-    Reads only JSON and safetensors (never unpickles). Refuses, naming the problem, an adapter
-    whose rank differs from the model's, whose tensors do not fit the layers (a different base
-    shape), or whose targets are not exactly this model's LoRA layers.
+    Reads only JSON and safetensors, never an executable format. Refuses, naming the problem,
+    an adapter whose rank differs from the model's, whose tensors do not fit the layers (a
+    different base shape), or whose targets are not exactly this model's LoRA layers.
     """
     d = Path(directory)
     cfg, tensors = _read_adapter(d)
@@ -402,4 +408,19 @@ def merge_adapter(
         parent, leaf = _parent(out, name)
         setattr(parent, leaf, new)
     _cast_unquantized(out, dtype)
+    if not requantize:
+        _drop_quantization_config(out)
     return out
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    # A model loaded with QloraExtConfig carries it in its config; once every 4-bit layer is a
+    # 16-bit nn.Linear, saving it so would write a checkpoint whose config.json says 4 bits.
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        return
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    for attr in ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit"):
+        if attr in model.__dict__:
+            delattr(model, attr)
