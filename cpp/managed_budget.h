@@ -47,8 +47,8 @@ class ManagedBudget {
     }
     TORCH_CHECK(fits(live, bytes, free_b, margin), what, " of ", bytes,
                 " bytes refused on cuda:", device, ": the ", live,
-                " bytes of managed memory already live plus this request would exceed the ",
-                free_b, " bytes free on the device minus margin_bytes (", margin,
+                " bytes of managed memory already live plus this request would exceed the ", free_b,
+                " bytes free on the device minus margin_bytes (", margin,
                 "). Asking for more managed memory than the GPU has free can hang it; free GPU "
                 "memory, lower margin_bytes, or page fewer states (min_paged_numel)");
     live_[device] = live + bytes;
@@ -58,8 +58,9 @@ class ManagedBudget {
   void release(int device, size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
     size_t& live = live_[device];
-    TORCH_CHECK(bytes <= live, "managed-memory budget: releasing ", bytes, " bytes on cuda:",
-                device, " but only ", live, " are live (an allocation freed twice?)");
+    TORCH_CHECK(bytes <= live, "managed-memory budget: releasing ", bytes,
+                " bytes on cuda:", device, " but only ", live,
+                " are live (an allocation freed twice?)");
     live -= bytes;
   }
 

@@ -50,8 +50,7 @@ at::Tensor managed_empty_cuda(at::IntArrayRef shape, const at::Tensor& like, int
   // Nothing to page: an ordinary (pointer-free) CUDA tensor, since from_blob refuses a null
   // pointer on CUDA. It is not managed, and prefetching it is a no-op.
   if (numel == 0) return at::empty(shape, like.options());
-  TORCH_CHECK(numel <= INT64_MAX / int64_t(like.element_size()), "shape ", shape,
-              " is too large");
+  TORCH_CHECK(numel <= INT64_MAX / int64_t(like.element_size()), "shape ", shape, " is too large");
   const size_t bytes = size_t(numel) * like.element_size();
   const int device = like.device().index();
   // Note [Managed-memory budget]: charge the running total before asking the driver.
@@ -117,9 +116,9 @@ void prefetch_cuda(const at::Tensor& t, bool to_device) {
   check_cuda(cudaMemPrefetchAsync(t.data_ptr(), t.nbytes(), loc, 0, stream),
              "cudaMemPrefetchAsync");
 #else
-  check_cuda(cudaMemPrefetchAsync(t.data_ptr(), t.nbytes(), to_device ? device : cudaCpuDeviceId,
-                                  stream),
-             "cudaMemPrefetchAsync");
+  check_cuda(
+      cudaMemPrefetchAsync(t.data_ptr(), t.nbytes(), to_device ? device : cudaCpuDeviceId, stream),
+      "cudaMemPrefetchAsync");
 #endif
 }
 
