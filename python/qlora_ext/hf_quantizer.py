@@ -35,7 +35,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._ops import _BLOCKSIZES_4BIT
 from .nn import Linear4bit
-from .quant_state import QuantState
+from .quant_state import QuantState, _dtype_name
 
 QUANT_METHOD = "qlora_ext"
 QUANT_TYPES = ("nf4", "fp4", "int4")
@@ -101,7 +101,7 @@ class QloraExtConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         if d["compute_dtype"] is not None:  # config.json is JSON
-            d["compute_dtype"] = str(d["compute_dtype"]).removeprefix("torch.")
+            d["compute_dtype"] = _dtype_name(d["compute_dtype"])
         return d
 
 
