@@ -84,10 +84,21 @@ def test_finetune_writes_everything(tiny_dir, tmp_path):
     ]
 
 
-def test_resume_after_kill_reproduces_the_loss_curve(tiny_dir, tmp_path):
-    steps = ["--steps", "40", "--save-every", "5", "--dropout", "0.1", *FAST]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert cli.main(["finetune", "--model", tiny_dir, "--output-dir", str(full), *steps]) == 0
+RESUME_STEPS = ["--steps", "40", "--save-every", "5", "--dropout", "0.1", *FAST]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, tmp_path_factory):
+    """The loss curve of the run that the interrupted-and-resumed runs must reproduce."""
+    full = tmp_path_factory.mktemp("full")
+    argv = ["finetune", "--model", tiny_dir, "--output-dir", str(full), *RESUME_STEPS]
+    assert cli.main(argv) == 0
+    return json.loads((full / "summary.json").read_text())["history"]
+
+
+def test_resume_after_kill_reproduces_the_loss_curve(tiny_dir, tmp_path, uninterrupted):
+    steps = RESUME_STEPS
+    killed = tmp_path / "killed"
     # A real kill: SIGKILL as soon as the first checkpoint is complete.
     p = run_cli("finetune", "--model", tiny_dir, "--output-dir", str(killed), *steps)
     deadline = time.time() + 240
@@ -102,10 +113,45 @@ def test_resume_after_kill_reproduces_the_loss_curve(tiny_dir, tmp_path):
         cli.main(["finetune", "--model", tiny_dir, "--output-dir", str(killed), "--resume", *steps])
         == 0
     )
-    a = json.loads((full / "summary.json").read_text())["history"]
     b = json.loads((killed / "summary.json").read_text())["history"]
-    assert b["loss"] == a["loss"]  # bitwise: same batches, same dropout masks, same updates
-    assert b["step"] == a["step"]
+    assert b["loss"] == uninterrupted["loss"]  # bitwise: same batches, masks and updates
+    assert b["step"] == uninterrupted["step"]
+
+
+# The child run: a real SIGINT (Ctrl-C) delivered to itself while the step-10 checkpoint is
+# half written (its tensors file is on disk, its state.json and COMPLETE marker are not).
+SIGINT_CHILD = """
+import os, signal, sys, time
+import safetensors.torch as st
+from qlora_ext import cli
+save = st.save_file
+def interrupted_save(tensors, path, *args, **kwargs):
+    save(tensors, path, *args, **kwargs)
+    if "step_000010" in path:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)  # KeyboardInterrupt is raised here, inside the checkpoint write
+st.save_file = interrupted_save
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_a_checkpoint_write_then_resume(tiny_dir, tmp_path, uninterrupted):
+    out = tmp_path / "interrupted"
+    args = ["finetune", "--model", tiny_dir, "--output-dir", str(out), *RESUME_STEPS]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run(
+        [sys.executable, "-c", SIGINT_CHILD, *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 130, p.stderr[-3000:]
+    assert "interrupted; the last complete checkpoint is" in p.stderr
+    assert "step_000005: add --resume" in p.stderr
+    assert "Traceback" not in p.stderr
+    # The half-written checkpoint left nothing behind; the previous one is intact.
+    assert sorted(q.name for q in (out / "checkpoints").iterdir()) == ["step_000005"]
+    assert cli.main([*args, "--resume"]) == 0
+    b = json.loads((out / "summary.json").read_text())["history"]
+    assert b["loss"] == uninterrupted["loss"] and b["step"] == uninterrupted["step"]
 
 
 def test_bad_inputs_and_help(tiny_dir, tmp_path, capsys):

@@ -244,3 +244,47 @@ def test_16bit_baseline_runs_in_the_compute_dtype():
     ids = torch.randint(0, 100, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert q.lora_B["default"].weight.grad is not None
+
+
+def test_corrupt_run_files_give_errors_that_name_the_file(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    assert finetune(tiny_dir, out, "--steps", "2", "--train-size", "8") == 0
+    adapter = out / "adapter"
+    st, cfg, quant = (
+        adapter / "adapter_model.safetensors",
+        adapter / "adapter_config.json",
+        adapter / train.QUANT_CONFIG_NAME,
+    )
+    good = {p: p.read_bytes() for p in (st, cfg, quant)}
+    tensors = load_file(str(st))
+    key = next(k for k in tensors if "lora_A" in k)
+
+    def wrong_dtype(p):
+        save_file({**tensors, key: tensors[key].to(torch.int32)}, str(p))
+
+    def wrong_shape(p):
+        save_file({**tensors, key: tensors[key][:, :-1].contiguous()}, str(p))
+
+    cases = [
+        (st, lambda p: p.write_bytes(good[p][: len(good[p]) // 2]), "not a readable safetensors"),
+        (st, lambda p: p.write_bytes(os.urandom(300)), "not a readable safetensors"),
+        (st, wrong_dtype, "is torch.int32; LoRA weights must be floating point"),
+        (st, wrong_shape, "but this model needs"),
+        (cfg, lambda p: p.write_text('{"peft_type": "LO'), "is not valid JSON"),
+        (quant, lambda p: p.write_bytes(b"\xff\xfe garbage"), "is not valid JSON"),
+        (quant, lambda p: p.write_text("[4]"), "must hold a JSON object"),
+    ]
+    argv = ["eval", "--model", tiny_dir, "--adapter", str(adapter), "--eval-size", "2"]
+    for path, corrupt, match in cases:
+        corrupt(path)
+        capsys.readouterr()
+        assert cli.main(argv) == 2, match
+        err = capsys.readouterr().err
+        assert str(path) in err and match in err, err
+        path.write_bytes(good[path])
+    # summary.json is a report for people: no command reads it back, so a truncated one
+    # cannot change what eval computes.
+    (out / "summary.json").write_text('{"config": {"ste')
+    assert cli.main(argv) == 0

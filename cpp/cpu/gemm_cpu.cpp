@@ -774,8 +774,10 @@ at::Tensor gemm_4bit_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
     return grad_A.view(gemm_out_shape(grad_out, K));
   }
 #endif
-  at::Tensor grad_A = at::zeros({M, K}, grad_out.options().dtype(acc));
-  if (M > 0) {
+  at::Tensor grad_A;
+  if (M == 0 || N == 0) {  // an empty sum over N: zeros
+    grad_A = at::zeros({M, K}, grad_out.options().dtype(acc));
+  } else {
     // grad_A = sum over panels of G[:, panel] @ W[panel, :]: each panel is read once, and the
     // fp32 accumulator is rounded to grad_out's dtype once, at the end. (Panels of whole
     // blocks of columns, each finished in one GEMM and written once, measured 4% slower at
@@ -786,14 +788,23 @@ at::Tensor gemm_4bit_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
     // too short re-read it too often (4096 x 11008 at M = 512: 80-row 4 MB panels took 1.12x
     // dense, 176-row 8 MB ones 0.95-0.98x), and 512-row 8 MB panels at K = 4096 took 1.04-1.08x
     // against 256-row ones' 1.00-1.05x (three runs each; the spread is this machine's noise).
-    const int64_t rows = std::min<int64_t>(256, panel_rows(N, K, sizeof(float), int64_t(8) << 20));
+    // A weight that fits in one panel is one GEMM: no partial sums to re-read at all.
+    const int64_t panel_bytes = int64_t(8) << 20;
+    const int64_t rows = N * K * int64_t(sizeof(float)) <= panel_bytes
+                             ? N
+                             : std::min<int64_t>(256, panel_rows(N, K, sizeof(float), panel_bytes));
     at::Tensor panel = at::empty({rows, K}, G32.options().dtype(at::kFloat));
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
       at::Tensor p = panel.narrow(0, 0, r);
       dequantize_panel(W, n0, r, p);
       if (acc == at::kDouble) p = p.to(acc);
-      grad_A.addmm_(G32.narrow(1, n0, r), p);
+      // The first panel writes grad_A (beta = 0), so it is never zero-filled first.
+      if (n0 == 0) {
+        grad_A = at::mm(G32.narrow(1, 0, r), p);
+      } else {
+        grad_A.addmm_(G32.narrow(1, n0, r), p);
+      }
     }
   }
   return grad_A.to(grad_out.scalar_type()).view(gemm_out_shape(grad_out, K));

@@ -337,11 +337,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             ("lora_B", (layer.out_features, r)),
         ):
             t = found[name].get(part)
+            st = d / WEIGHTS_NAME
             if t is None:
-                raise ValueError(f"the adapter has no {part} weight for {name}")
+                raise ValueError(f"{st}: the adapter has no {part} weight for {name}")
+            if not t.is_floating_point():
+                raise ValueError(
+                    f"{st}: {name}.{part} is {t.dtype}; LoRA weights must be floating point"
+                )
             if tuple(t.shape) != shape:
                 raise ValueError(
-                    f"{name}.{part}: the adapter's tensor is {list(t.shape)} but this model needs "
+                    f"{st}: {name}.{part} is {list(t.shape)} but this model needs "
                     f"{list(shape)}: the adapter was trained on a base model of another shape"
                 )
     with torch.no_grad():

@@ -205,8 +205,6 @@ def _load(args, adapter: str | None = None, r_default: int = 16):
         raise ModelNotFound(
             f"--adapter: {adapter} is not an adapter directory (no adapter_config.json there)"
         )
-    import json
-
     from .loading import quant_args
     from .train import QUANT_CONFIG_NAME
 
@@ -215,7 +213,7 @@ def _load(args, adapter: str | None = None, r_default: int = 16):
     if adapter:
         qpath = Path(adapter) / QUANT_CONFIG_NAME
         # Adapters from elsewhere (PEFT) have no such file: the QLoRA default base.
-        quant = json.loads(qpath.read_text()) if qpath.is_file() else {}
+        quant = _read_json_object(qpath) if qpath.is_file() else {}
     elif getattr(args, "quant_type", None) is not None:  # quantize
         quant = dict(
             quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant
@@ -225,7 +223,7 @@ def _load(args, adapter: str | None = None, r_default: int = 16):
     if adapter:
         from .adapters import load_adapter, prepare_model
 
-        cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        cfg = _read_json_object(Path(adapter) / "adapter_config.json")
         if quant.get("quant_type") == "none":  # a 16-bit LoRA adapter: PEFT on the plain model
             import peft
 
@@ -370,6 +368,19 @@ TRAIN_EXTRA = frozenset(
 )
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from ``path``, or a ValueError naming the file and what is wrong with it."""
+    import json
+
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): truncated or corrupt") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # PEFT imports bitsandbytes when it is installed, whose CPU backend then warns that an
@@ -389,6 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     }[args.cmd]
     try:
         return cmd(args)
+    except KeyboardInterrupt:
+        # Ctrl-C (SIGINT) may land in the middle of a checkpoint write: save_checkpoint then
+        # removes its temporary directory, so only complete checkpoints are left to resume from.
+        msg = f"qlora-ext {args.cmd}: interrupted"
+        if args.cmd == "finetune":
+            from .checkpoint import latest_checkpoint
+
+            last = latest_checkpoint(Path(args.output_dir))
+            msg += (
+                f"; the last complete checkpoint is {last}: add --resume to continue from it"
+                if last is not None
+                else "; no checkpoint was complete yet"
+            )
+        print(msg, file=sys.stderr)
+        return 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
     except (DataError, ModelNotFound, ValueError) as e:
         print(f"qlora-ext {args.cmd}: error: {e}", file=sys.stderr)
         return 2
