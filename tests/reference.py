@@ -166,7 +166,7 @@ def gemm_4bit_grad_input(G, packed, absmax, N, K, blocksize, quant_type):
     return G.double() @ W
 
 
-# ---- LoRA (issue 4) ---------------------------------------------------------------------------
+# ---- LoRA ------------------------------------------------------------------------------------
 
 
 def lora_dropout_mask(seed: int, n: int, p: float) -> torch.Tensor:

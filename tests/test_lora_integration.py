@@ -1,4 +1,4 @@
-"""Issue 4's integration test: a tiny random LlamaForCausalLM, prepared with prepare_model and
+"""The LoRA model path end to end: a tiny random LlamaForCausalLM, prepared with prepare_model and
 trained for 30 steps by our own loop (torch.optim.AdamW) and by transformers.Trainer. The loss
 falls in both, and only the adapters change: every base weight keeps its bytes."""
 

@@ -1,5 +1,5 @@
 """LoRALinear4bit, prepare_model and the adapters: exact identity when fresh, gradient
-checkpointing, freezing, PEFT interchange both ways, merging, and the bad inputs of issue 4."""
+checkpointing, freezing, PEFT interchange both ways, merging, and the bad inputs."""
 
 import json
 
