@@ -7,6 +7,7 @@
 
 #include "cpu/cpu_alloc.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/panel_blas.h"
 #include "gemm_path.h"
 #include "paged.h"
 
@@ -30,11 +31,15 @@ PYBIND11_MODULE(_C, m) {
         d["cuda_archs"] = std::string(QLORA_EXT_CUDA_ARCHS);
         d["cpu_isa"] = qlora_ext::cpu::isa_name(qlora_ext::cpu::current_isa());
         d["cpu_isa_detected"] = qlora_ext::cpu::isa_name(qlora_ext::cpu::detected_isa());
+        d["cpu_blas"] = qlora_ext::cpu::panel_blas_name(qlora_ext::cpu::panel_blas());
         return d;
       },
       "What this build contains: CUDA kernels or not, their archs, the CPU ISA in use.");
   m.def("set_cpu_isa", &qlora_ext::cpu::set_isa, py::arg("isa"),
         "Force the CPU kernels onto 'avx512', 'avx2' or 'scalar' ('auto' restores the best).");
+  m.def("set_cpu_blas", &qlora_ext::cpu::set_panel_blas, py::arg("blas"),
+        "Force the BLAS of the CPU panel GEMMs: 'aten' (torch's at::mm, MKL on x86) or "
+        "'onednn'; 'auto' restores the default (Note [Panel BLAS]).");
   m.def("set_gemm_path", &qlora_ext::set_gemm_path, py::arg("path"),
         "Force the 4-bit GEMM onto 'small' (streaming, M <= 16), 'tc' (CUDA tensor cores, "
         "16-bit A) or 'panel' (dequantize panels + BLAS) where the path applies; 'auto' "

@@ -103,6 +103,31 @@ def test_dropout_mask_matches_reference_and_rate():
     assert abs(keep.float().mean().item() - (1 - p)) < 0.03
 
 
+@pytest.mark.parametrize("M", [64, 131])
+def test_every_cpu_isa_gives_the_same_bits_with_dropout(cpu_isa, M):
+    """The dropout hash has an AVX-512 copy (lora_cpu.cpp): every ISA must give the scalar
+    loop's bits, forward and backward. M >= 64 takes the panel GEMMs, whose BLAS is the same
+    on every ISA, so any difference is the dropout's (the streaming kernels below differ in
+    rounding by design)."""
+    packed, state, A, B = make("cpu")
+
+    def run():
+        torch.manual_seed(7)
+        x = torch.randn(M, K, requires_grad=True)
+        a, b = A.clone().requires_grad_(), B.clone().requires_grad_()
+        seed = torch.tensor([1234])
+        y = qlora_ext.lora_4bit(x, packed, state, a, b, 1.5, 0.3, seed)
+        y.backward(torch.randn_like(y))
+        return y, x.grad, a.grad, b.grad
+
+    got = run()
+    qlora_ext._C.set_cpu_isa("scalar")
+    want = run()
+    qlora_ext._C.set_cpu_isa(cpu_isa)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_gradcheck_fp64_with_dropout():
     """gradcheck with respect to x, A, B and bias, dropout on (a fixed seed fixes the mask).
     Small shapes: gradcheck perturbs every input element twice."""

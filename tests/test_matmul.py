@@ -258,6 +258,46 @@ def test_device_mismatch():
         qlora_ext.matmul_4bit(torch.randn(2, 128), packed, state)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blas", ["aten", "onednn"])
+def test_both_cpu_panel_blas(dtype, blas):
+    """Each BLAS of the CPU panel GEMMs (Note [Panel BLAS]) against the fp64 reference, forward
+    and input gradient, with one panel (130 x 256) and several (4160 x 512 is 8.5 MB of fp32:
+    two forward panels, seventeen gradient ones), same 2x rule as above."""
+    qlora_ext._C.set_cpu_blas(blas)
+    try:
+        assert qlora_ext.build_info()["cpu_blas"] == blas
+        for N, K in ((130, 256), (4160, 512)):
+            packed, state, w_hat = quantized(N, K, 64, "nf4", True, "cpu")
+            bias = torch.randn(N).to(dtype)
+            absmax = fp32_absmax(state)
+            for M in (64, 150):
+                A = torch.randn(M, K).to(dtype)
+                G = torch.randn(M, N).to(dtype)
+                ref = R.gemm_4bit(A, packed.reshape(-1), absmax, N, K, 64, "nf4", bias)
+                out = qlora_ext.matmul_4bit(A, packed, state, bias)
+                floor = 1e-6 if dtype == torch.float32 else 0
+                torch_out = F.linear(A, w_hat.to(dtype), bias)
+                assert rel_err(out, ref) <= 2 * rel_err(torch_out, ref) + floor, (N, M)
+                ref_g = R.gemm_4bit_grad_input(G, packed.reshape(-1), absmax, N, K, 64, "nf4")
+                got_g = torch.ops.qlora_ext.gemm_4bit_grad_input(
+                    G, packed.reshape(-1), state.absmax, N, K, 64, "nf4",
+                    **_nested(state),
+                )  # fmt: skip
+                torch_g = G @ w_hat.to(dtype)
+                assert rel_err(got_g, ref_g) <= 2 * rel_err(torch_g, ref_g) + floor, (N, M)
+    finally:
+        qlora_ext._C.set_cpu_blas("auto")
+    with pytest.raises(RuntimeError, match="blas must be 'auto', 'aten' or 'onednn'"):
+        qlora_ext._C.set_cpu_blas("mkl")
+
+
+def _nested(state):
+    from qlora_ext.functional import _nested_args
+
+    return _nested_args(state)
+
+
 @pytest.fixture
 def gemm_path(request):
     qlora_ext._C.set_gemm_path(request.param)

@@ -20,6 +20,7 @@
 #include "../gemm_path.h"
 #include "cpu_isa.h"
 #include "dequant4.h"
+#include "panel_blas.h"
 #include "simd.h"
 
 namespace qlora_ext::cpu {
@@ -723,6 +724,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
     // F.linear). From M = 64 the two are even on 4096 x 4096, and the transposed form lost at
     // M = 512 on 1536 x 576 (1.31x dense against 1.04x), so there A @ panel^T writes into out.
     const bool transposed = M < 64;
+    const bool onednn = !transposed && acc == at::kFloat && panel_blas() == PanelBlas::OneDnn;
     at::Tensor tmp = transposed ? at::empty({rows, M}, A32.options()) : at::Tensor();
     for (int64_t n0 = 0; n0 < N; n0 += rows) {
       const int64_t r = std::min(rows, N - n0);
@@ -730,6 +732,15 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
       dequantize_panel(W, n0, r, p);
       if (acc == at::kDouble) p = p.to(acc);
       at::Tensor o = out32.narrow(1, n0, r);
+      if (onednn) {  // Note [Panel BLAS]
+        const at::Tensor y = onednn_linear(A32, p, b ? std::optional(b->narrow(0, n0, r)) : b);
+        if (r == N && out32.is_same(out)) {
+          out = out32 = y;  // one panel: oneDNN's result is the output
+        } else {
+          o.copy_(y);
+        }
+        continue;
+      }
       // transposed: t = p @ A^T [r, M] (bias per row of t); else o = A @ p^T (bias per column)
       at::Tensor t = transposed ? tmp.narrow(0, 0, r) : o;
       const at::Tensor lhs = transposed ? p : A32, rhs = transposed ? A32.t() : p.t();
@@ -800,10 +811,14 @@ at::Tensor gemm_4bit_grad_input_cpu(const at::Tensor& grad_out, const at::Tensor
       dequantize_panel(W, n0, r, p);
       if (acc == at::kDouble) p = p.to(acc);
       // The first panel writes grad_A (beta = 0), so it is never zero-filled first.
-      if (n0 == 0) {
-        grad_A = at::mm(G32.narrow(1, 0, r), p);
+      const at::Tensor g = G32.narrow(1, n0, r);
+      if (acc == at::kFloat && panel_blas() == PanelBlas::OneDnn) {  // Note [Panel BLAS]
+        const at::Tensor part = onednn_linear(g, p.t(), std::nullopt);
+        grad_A = n0 == 0 ? part : grad_A.add_(part);
+      } else if (n0 == 0) {
+        grad_A = at::mm(g, p);
       } else {
-        grad_A.addmm_(G32.narrow(1, n0, r), p);
+        grad_A.addmm_(g, p);
       }
     }
   }

@@ -7,16 +7,43 @@
 #include <torch/library.h>
 
 #include "../lora_impl.h"
+#include "cpu_isa.h"
 
 namespace qlora_ext::cpu {
 namespace {
 
+// One pass of Note [Dropout by seed] over d[lo, hi). The hash is integer arithmetic and the
+// scaling a single rounded multiply (no contraction), so every ISA's copy of this loop gives
+// the same bits. The AVX-512 copy exists because the scalar hash was a tenth of a LoRA layer's
+// time: fwd + bwd at 1024 x 576, r = 16, p = 0.1 took 15.4 ms with it and 14.0 ms without.
+template <typename T>
+inline void dropout_range(T* d, int64_t lo, int64_t hi, uint64_t seed, uint32_t threshold,
+                          T inv_keep) {
+  for (int64_t i = lo; i < hi; ++i) {
+    d[i] = dropout_keep(seed, uint64_t(i), threshold) ? d[i] * inv_keep : T(0);
+  }
+}
+
+#if QX_X86
+// The same loop compiled for AVX-512, where GCC vectorizes the 64-bit hash (vpmullq). AVX2
+// has no 64-bit multiply: its emulated copy measured no faster than the scalar loop.
+template <typename T>
+QX_TARGET_AVX512 void dropout_range_avx512(T* d, int64_t lo, int64_t hi, uint64_t seed,
+                                           uint32_t threshold, T inv_keep) {
+  for (int64_t i = lo; i < hi; ++i) {
+    d[i] = dropout_keep(seed, uint64_t(i), threshold) ? d[i] * inv_keep : T(0);
+  }
+}
+#endif
+
 template <typename T>
 void dropout_loop(T* d, int64_t n, uint64_t seed, uint32_t threshold, T inv_keep) {
+  const Isa isa = current_isa();
   at::parallel_for(0, n, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      d[i] = dropout_keep(seed, uint64_t(i), threshold) ? d[i] * inv_keep : T(0);
-    }
+#if QX_X86
+    if (isa == Isa::Avx512) return dropout_range_avx512(d, lo, hi, seed, threshold, inv_keep);
+#endif
+    dropout_range(d, lo, hi, seed, threshold, inv_keep);
   });
 }
 
