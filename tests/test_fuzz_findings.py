@@ -75,6 +75,16 @@ def test_blockwise_8bit_of_a_block_below_2_to_the_minus_128():
     assert all(abs(g - w) <= 0.02e-40 for g, w in zip(got, want, strict=True)), got
 
 
+def test_blockwise_8bit_takes_a_blocksize_near_2_to_the_63():
+    # ceil_div(n, blocksize) computed n + blocksize - 1, which wrapped: a negative size.
+    x = torch.randn(300)
+    q, absmax = qlora_ext.quantize_blockwise_8bit(x, blocksize=2**63 - 1)
+    q1, absmax1 = qlora_ext.quantize_blockwise_8bit(x, blocksize=300)
+    assert torch.equal(q, q1) and torch.equal(absmax, absmax1)
+    back = qlora_ext.dequantize_blockwise_8bit(q, absmax, blocksize=2**63 - 1)
+    assert torch.equal(back, qlora_ext.dequantize_blockwise_8bit(q1, absmax1, blocksize=300))
+
+
 # ---- silently wrong results ------------------------------------------------------------------
 
 

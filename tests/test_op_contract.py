@@ -112,7 +112,7 @@ def test_quant_state_round_trip_and_errors():
     with pytest.raises(ValueError, match="nested quant state is missing 'nested_quant_map'"):
         qlora_ext.QuantState.from_dict(short)
     # Wrong-sized packed tensor for the state's shape.
-    with pytest.raises(RuntimeError, match="packed has 499 bytes but shape"):
+    with pytest.raises(RuntimeError, match="packed has 499 bytes but state.shape"):
         qlora_ext.dequantize_4bit(packed[:-1], state)
 
 
