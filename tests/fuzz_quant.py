@@ -222,7 +222,7 @@ def _tamper_dequant(spec, packed, state):
         s2 = state.state2
         s.state2 = NestedState(s2.absmax, s2.code, s2.blocksize)
         if t == "nested_absmax_short":
-            s.state2.absmax = torch.cat([s2.absmax, s2.absmax])
+            s.state2.absmax = torch.cat([s2.absmax, torch.ones(1)])  # one too many, even empty
         elif t == "nested_code_short":
             s.state2.code = s2.code[:128]
         else:
