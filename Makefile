@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CXX_SOURCES = $(shell find cpp cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PY_SOURCES = python tests benchmarks scripts
 
-.PHONY: venv build test lint format bench demo clean check-pip-install
+.PHONY: venv build test lint format bench demo clean check-pip-install fuzz
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
@@ -26,6 +26,11 @@ build: $(STAMP)
 test: build
 	$(BIN)/python scripts/check_cuda_build.py
 	$(BIN)/python -m pytest tests -q
+
+# Ten times the fuzz cases `make test` runs (about 20,000), with another seed: make fuzz SEED=7.
+SEED ?= 1
+fuzz: build
+	QLORA_FUZZ_SCALE=10 QLORA_FUZZ_SEED=$(SEED) $(BIN)/python -m pytest tests/test_fuzz.py -q
 
 # The README's pip line in a fresh venv (CPU torch, CPU-only build), then the CLI on a tiny model.
 check-pip-install:

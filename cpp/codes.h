@@ -120,7 +120,9 @@ QX_HD float nested_absmax(float code8, float group_absmax, float offset) {
 constexpr int kLutSize = 65536;
 
 QX_HD int lut_index(float v) {
-  v = clamp_unit(v);
+  // A NaN (a block holding NaN or Inf, which the op then refuses) would make the int
+  // conversion below undefined and the table read out of bounds: it reads entry 0 instead.
+  v = v == v ? clamp_unit(v) : -1.0f;
   float t = mul_rn(mul_rn(add_rn(v, 1.0f), 0.5f), float(kLutSize - 1));
   return int(add_rn(t, 0.5f));
 }

@@ -5,7 +5,7 @@
 
 namespace qlora_ext {
 
-// `x` is A (forward, last dim K) or grad_out (backward, last dim N).
+// `x` is the input (forward, last dim K) or grad_out (backward, last dim N).
 inline void check_gemm_4bit_args(const at::Tensor& x, const char* x_name, int64_t x_last,
                                  const at::Tensor& packed, const at::Tensor& absmax, int64_t N,
                                  int64_t K, int64_t blocksize,
@@ -36,7 +36,7 @@ inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& 
   if (!bias) return;
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N, "], got ",
               bias->sizes());
-  TORCH_CHECK(bias->device() == A.device(), "bias is on ", bias->device(), " but A is on ",
+  TORCH_CHECK(bias->device() == A.device(), "bias is on ", bias->device(), " but x is on ",
               A.device());
   const auto dt = bias->scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ||

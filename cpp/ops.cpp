@@ -6,7 +6,7 @@
 TORCH_LIBRARY(qlora_ext, m) {
   // Blockwise 4-bit quantization of a flattened float tensor: (packed uint8 [ceil(n/2)], even
   // element in the high nibble; fp32 absmax [ceil(n/blocksize)]). quant_type: nf4 | fp4 | int4.
-  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  m.def("quantize_4bit(Tensor w, int blocksize, str quant_type) -> (Tensor, Tensor)");
   // Inverse of quantize_4bit into `shape`/`dtype`. absmax is fp32, or uint8 codes of a double
   // quantization that is undone in the kernel: code[absmax] * nested_absmax[group] + offset.
   m.def(
@@ -16,15 +16,15 @@ TORCH_LIBRARY(qlora_ext, m) {
   // Blockwise 8-bit quantization against a sorted 256-entry code (bitsandbytes' dynamic map):
   // (uint8 codes shaped like A, fp32 absmax per block).
   m.def("quantize_blockwise_8bit(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
-  // Inverse of quantize_blockwise_8bit: code[A] * absmax[block], cast to dtype.
+  // Inverse of quantize_blockwise_8bit: code[q] * absmax[block], cast to dtype.
   m.def(
-      "dequantize_blockwise_8bit(Tensor A, Tensor absmax, Tensor code, int blocksize, "
+      "dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, "
       "ScalarType dtype) -> Tensor");
-  // out = A @ dequant(W)^T (+ bias), A [..., K] float, W a 4-bit [N, K] weight (K a multiple of
+  // out = x @ dequant(W)^T (+ bias), x [..., K] float, W a 4-bit [N, K] weight (K a multiple of
   // blocksize). The weight is never dequantized whole: small M streams it, large M goes panel
-  // by panel. out has A's dtype and shape [..., N].
+  // by panel. out has x's dtype and shape [..., N].
   m.def(
-      "gemm_4bit(Tensor A, Tensor packed, Tensor absmax, int N, int K, int blocksize, "
+      "gemm_4bit(Tensor x, Tensor packed, Tensor absmax, int N, int K, int blocksize, "
       "str quant_type, Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, "
       "Tensor? nested_offset=None, int nested_blocksize=256) -> Tensor");
   // The input gradient of gemm_4bit: grad_A = grad_out @ dequant(W), [..., N] -> [..., K],

@@ -113,6 +113,10 @@ QX_HD int count_below(const float* mid, float x) {
 
 QX_HD uint8_t quantize_nearest(const float* mid, float x, float absmax) {
   const float scaled = absmax > 0.0f ? div_rn(x, absmax) : 0.0f;
+  // An overflowed moment (x = +-inf in a block whose absmax is inf) keeps its sign at the end
+  // of the map, so that it decodes to +-inf again, as the 32-bit state holds it; the search
+  // below would give code 0, which decodes to 0 * inf = NaN in the unsigned map.
+  if (scaled != scaled) return x > 0.0f ? uint8_t(kNumMidpoints) : uint8_t(0);
   return uint8_t(count_below(mid, scaled));
 }
 

@@ -35,13 +35,16 @@ inline void check_float_output_dtype(at::ScalarType dt) {
               "dtype must be float32, float16 or bfloat16, got ", dt);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// For a >= 0, b > 0; (a + b - 1) / b would overflow for a blocksize near 2^63.
+inline int64_t ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : 1 + (a - 1) / b; }
 
 inline int64_t shape_numel(at::IntArrayRef shape) {
   int64_t n = 1;
   for (auto d : shape) {
     TORCH_CHECK(d >= 0, "shape must not have negative sizes, got ", shape);
-    n *= d;
+    // A product that wraps could equal the bytes given and pass the size checks below.
+    TORCH_CHECK(!__builtin_mul_overflow(n, d, &n), "shape ", shape,
+                " has more elements than an int64 holds");
   }
   return n;
 }
@@ -106,6 +109,19 @@ inline void check_dequantize_4bit_args(const at::Tensor& packed, const at::Tenso
   for (const at::Tensor* t : {&na, &nc, &no}) {
     TORCH_CHECK(t->device() == packed.device(), "nested state is on ", t->device(),
                 " but packed is on ", packed.device());
+  }
+}
+
+// quantize_blockwise_8bit's code: its nearest-code search assumes 256 sorted values, and an
+// unsorted (or NaN) table would silently give wrong codes. 256 host reads (a copy on CUDA, where
+// quantization runs once per weight).
+inline void check_code_sorted(const at::Tensor& code) {
+  const at::Tensor c = code.to(at::kCPU).contiguous();
+  const float* p = c.const_data_ptr<float>();
+  for (int i = 0; i + 1 < 256; ++i) {
+    TORCH_CHECK(p[i] <= p[i + 1],
+                "code must be sorted in ascending order (and hold no NaN): ", "code[", i,
+                "] = ", p[i], ", code[", i + 1, "] = ", p[i + 1]);
   }
 }
 

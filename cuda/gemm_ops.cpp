@@ -117,7 +117,7 @@ at::Tensor gemm_4bit_impl(const at::Tensor& A, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize,
                           const LoraArgs* lora) {
   const QuantType qt = parse_quant_type(std::string(quant_type));
-  check_gemm_4bit_args(A, "A", K, packed, absmax, N, K, blocksize, nested_absmax, nested_code,
+  check_gemm_4bit_args(A, "x", K, packed, absmax, N, K, blocksize, nested_absmax, nested_code,
                        nested_offset, nested_blocksize);
   check_bias(bias, A, N);
   const c10::cuda::CUDAGuard guard(A.device());

@@ -208,9 +208,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int w = 1; w < kThreads / 32; ++w) m = nan_max(m, s_red[w]);
   if (threadIdx.x == 0) absmax[blockIdx.x] = m;
   const float inv = m == 0.0f ? 0.0f : div_rn(1.0f, m);
+  const bool tiny = isinf(inv);  // Note [Tiny 8-bit blocks] (cpp/cpu/quant_cpu.cpp)
   for (int64_t k = start + threadIdx.x; k < end; k += blockDim.x) {
     // bitsandbytes stores code 0 for an all-zero block.
-    q[k] = m == 0.0f ? 0 : quantize_8bit_scaled(s_code, mul_rn(to_f32(x[k]), inv));
+    const float v = to_f32(x[k]);
+    q[k] = m == 0.0f ? 0 : quantize_8bit_scaled(s_code, tiny ? div_rn(v, m) : mul_rn(v, inv));
   }
 }
 

@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
                                                       c10::string_view quant_type) {
   check_blocksize_4bit(blocksize);
   const QuantType qt = parse_quant_type(std::string(quant_type));
-  check_float_input(A, "A");
+  check_float_input(A, "w");
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor x = A.contiguous();
   const int64_t n = x.numel();
@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
                "quantize_4bit");
   // One small device-to-host read; quantization runs once per weight, never in a training step.
   TORCH_CHECK(n == 0 || at::isfinite(absmax).all().item<bool>(),
-              "A contains NaN or Inf; 4-bit quantization needs finite values");
+              "w contains NaN or Inf; 4-bit quantization needs finite values");
   return {packed, absmax};
 }
 
@@ -65,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
                                                                 int64_t blocksize) {
   check_float_input(A, "A");
   check_blockwise_8bit_args(code, blocksize, A);
+  check_code_sorted(code);
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor x = A.contiguous(), cd = code.contiguous();
   const int64_t n = x.numel();
@@ -85,13 +86,13 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& A, const at::Tensor&
                                           at::ScalarType dtype) {
   check_blockwise_8bit_args(code, blocksize, A);
   check_float_output_dtype(dtype);
-  TORCH_CHECK(A.scalar_type() == at::kByte, "A must be uint8, got ", A.scalar_type());
+  TORCH_CHECK(A.scalar_type() == at::kByte, "q must be uint8, got ", A.scalar_type());
   TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32, got ",
               absmax.scalar_type());
   TORCH_CHECK(absmax.numel() == ceil_div(A.numel(), blocksize), "absmax has ", absmax.numel(),
-              " elements but A has ", A.numel(), " values in blocks of ", blocksize, ", needing ",
+              " elements but q has ", A.numel(), " values in blocks of ", blocksize, ", needing ",
               ceil_div(A.numel(), blocksize));
-  TORCH_CHECK(absmax.device() == A.device(), "absmax is on ", absmax.device(), " but A is on ",
+  TORCH_CHECK(absmax.device() == A.device(), "absmax is on ", absmax.device(), " but q is on ",
               A.device());
   const c10::cuda::CUDAGuard guard(A.device());
   const at::Tensor q = A.contiguous(), am = absmax.contiguous(), cd = code.contiguous();

@@ -139,7 +139,10 @@ def quantize_blockwise_8bit(A: torch.Tensor, code: torch.Tensor, blocksize: int)
     xb = torch.cat([x, x.new_zeros(pad)]).reshape(nblocks, blocksize)
     absmax = xb.abs().amax(dim=-1)
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
-    v = torch.clamp(xb * inv.view(-1, 1), -1, 1)
+    # Note [Tiny 8-bit blocks] (cpp/cpu/quant_cpu.cpp): a reciprocal that overflows divides.
+    tiny = torch.isinf(inv).view(-1, 1)
+    v = torch.where(tiny, xb / absmax.view(-1, 1), xb * inv.view(-1, 1))
+    v = torch.clamp(v, -1, 1)
     idx = ((v + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)
     q = lut_8bit(code)[idx]
     q[absmax == 0] = 0  # an all-zero block stores code 0, as bitsandbytes does
@@ -191,8 +194,10 @@ def lora_4bit(x, packed, absmax, N, K, blocksize, quant_type, A, B, scale, p=0.0
     W = dequantize_4bit(packed, absmax, blocksize, quant_type, (N, K), torch.float64)
     x64 = x.double()
     if p > 0:
+        # A dropped element is 0 even where x holds a NaN or an Inf (the kernels select, not
+        # multiply by the mask).
         keep = lora_dropout_mask(seed, x.numel(), p).reshape(x.shape)
-        xd = x64 * keep / (1 - p)
+        xd = torch.where(keep, x64 / (1 - p), 0.0)
     else:
         xd = x64
     xa = xd @ A.double().t()
@@ -254,7 +259,11 @@ def quantize_nearest(code, x, absmax):
     """Index of the nearest code to x / absmax; a value on a midpoint takes the lower code."""
     mids = (code[:-1] + code[1:]) * 0.5
     scaled = torch.where(absmax > 0, x / torch.where(absmax > 0, absmax, 1.0), 0.0)
-    return torch.searchsorted(mids, scaled.contiguous(), right=False).to(torch.uint8)
+    q = torch.searchsorted(mids, scaled.contiguous(), right=False)
+    # An overflowed moment (+-inf in a block whose absmax is inf) keeps its sign at the end of
+    # the map, so that it decodes to +-inf again (Note [8-bit state quantization]).
+    q = torch.where(scaled.isnan(), torch.where(x > 0, len(code) - 1, 0), q)
+    return q.to(torch.uint8)
 
 
 def adamw_step_8bit_blockwise(param, grad, qm, am, qv, av, cs, cu, step, lr, b1, b2, eps, wd):
@@ -275,7 +284,10 @@ def adamw_step_8bit_blockwise(param, grad, qm, am, qv, av, cs, cu, step, lr, b1,
     p, m, v = adamw_elementwise(blocks(param), blocks(grad), m, v, s)
     live = (torch.arange(nb * bs) < n).reshape(nb, bs)
     m, v = torch.where(live, m, 0.0), torch.where(live, v, 0.0)
-    new_am, new_av = m.abs().amax(1), v.amax(1)
+    # A NaN moment (inf * 0 in the update) is left out of its block's absmax, as the kernels do.
+    inf = float("inf")
+    new_am = m.abs().nan_to_num(0.0, inf, -inf).amax(1)
+    new_av = v.nan_to_num(0.0, inf, -inf).amax(1)
     param.copy_(p.reshape(-1)[:n].to(param.dtype).reshape(param.shape))
     qm.copy_(quantize_nearest(cs, m, new_am.view(-1, 1)).reshape(-1)[:n].reshape(qm.shape))
     qv.copy_(quantize_nearest(cu, v, new_av.view(-1, 1)).reshape(-1)[:n].reshape(qv.shape))

@@ -217,9 +217,9 @@ def test_torch_compile_fullgraph():
 def test_bad_inputs(device):
     packed, state, _ = quantized(32, 128, 64, "nf4", False, device)
     p = packed.reshape(-1)
-    with pytest.raises(RuntimeError, match="A has last dimension 100 but the 4-bit weight"):
+    with pytest.raises(RuntimeError, match="x has last dimension 100 but the 4-bit weight"):
         ops.gemm_4bit(torch.randn(2, 100, device=device), p, state.absmax, 32, 128, 64, "nf4")
-    with pytest.raises(RuntimeError, match="A must be float32, float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
         ops.gemm_4bit(
             torch.ones(2, 128, dtype=torch.int32, device=device),
             p,
@@ -246,7 +246,7 @@ def test_bad_inputs(device):
         ops.gemm_4bit_grad_input(
             torch.randn(2, 31, device=device), p, state.absmax, 32, 128, 64, "nf4"
         )
-    with pytest.raises(ValueError, match="needs a 2-D \\[N, K\\] weight"):
+    with pytest.raises(ValueError, match="state.shape must be a 2-D \\[N, K\\] weight shape"):
         w3 = torch.randn(2, 4, 64)
         qlora_ext.matmul_4bit(torch.randn(1, 64), *qlora_ext.quantize_4bit(w3))
 

@@ -32,7 +32,7 @@ def test_opcheck_all_ops(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_inputs_name_the_argument(device):
     w = torch.randn(64, 64, device=device)
-    with pytest.raises(RuntimeError, match="A must be float32, float16 or bfloat16"):
+    with pytest.raises(RuntimeError, match="w must be float32, float16 or bfloat16"):
         ops.quantize_4bit(torch.ones(64, 64, dtype=torch.int32, device=device), 64, "nf4")
     with pytest.raises(RuntimeError, match="blocksize must be one of"):
         ops.quantize_4bit(w, 48, "nf4")
@@ -41,7 +41,7 @@ def test_bad_inputs_name_the_argument(device):
     for bad in (float("nan"), float("inf"), float("-inf")):
         w2 = w.clone()
         w2[3, 5] = bad
-        with pytest.raises(RuntimeError, match="A contains NaN or Inf"):
+        with pytest.raises(RuntimeError, match="w contains NaN or Inf"):
             qlora_ext.quantize_4bit(w2)
     packed, state = qlora_ext.quantize_4bit(w, 64, "nf4", double_quant=False)
     with pytest.raises(RuntimeError, match="packed has 2048 bytes but shape"):
@@ -112,7 +112,7 @@ def test_quant_state_round_trip_and_errors():
     with pytest.raises(ValueError, match="nested quant state is missing 'nested_quant_map'"):
         qlora_ext.QuantState.from_dict(short)
     # Wrong-sized packed tensor for the state's shape.
-    with pytest.raises(RuntimeError, match="packed has 499 bytes but shape"):
+    with pytest.raises(RuntimeError, match="packed has 499 bytes but state.shape"):
         qlora_ext.dequantize_4bit(packed[:-1], state)
 
 

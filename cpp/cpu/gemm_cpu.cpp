@@ -687,7 +687,7 @@ at::Tensor gemm_4bit_cpu(const at::Tensor& A, const at::Tensor& packed, const at
                          const std::optional<at::Tensor>& nested_code,
                          const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
   const QuantType qt = parse_quant_type(std::string(quant_type));
-  check_gemm_4bit_args(A, "A", K, packed, absmax, N, K, blocksize, nested_absmax, nested_code,
+  check_gemm_4bit_args(A, "x", K, packed, absmax, N, K, blocksize, nested_absmax, nested_code,
                        nested_offset, nested_blocksize);
   check_bias(bias, A, N);
   const Contig c(packed, absmax, nested_absmax, nested_code, nested_offset);

@@ -284,6 +284,15 @@ QX_TARGET_AVX512 inline __m512i count_below16(const Mid16& t, __m512 x) {
   return _mm512_add_epi32(_mm512_slli_epi32(c, 4), f);
 }
 
+// quantize_nearest's rule for a NaN quotient (an overflowed moment: +-inf over an inf absmax) on
+// 16 lanes: the end of the map that keeps its sign.
+QX_TARGET_AVX512 inline __m512i nan_to_end16(__m512i q, __m512 scaled, __m512 x) {
+  const __mmask16 nan = _mm512_cmp_ps_mask(scaled, scaled, _CMP_UNORD_Q);
+  const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+  q = _mm512_mask_mov_epi32(q, nan, _mm512_setzero_si512());
+  return _mm512_mask_mov_epi32(q, nan & pos, _mm512_set1_epi32(kNumMidpoints));
+}
+
 // The scalar block's operations on 16 lanes, so the bits are the same. Full blocks only.
 template <typename T>
 QX_TARGET_AVX512 void adamw_8bit_block_avx512(T* p, const T* g, uint8_t* qm, float& am, uint8_t* qv,
@@ -313,8 +322,11 @@ QX_TARGET_AVX512 void adamw_8bit_block_avx512(T* p, const T* g, uint8_t* qm, flo
     store16(p + k, _mm512_add_ps(P, _mm512_div_ps(_mm512_mul_ps(nss, M), denom)));
     _mm512_store_ps(m + k, M);
     _mm512_store_ps(v + k, V);
-    m_max = _mm512_max_ps(m_max, _mm512_andnot_ps(sign, M));
-    v_max = _mm512_max_ps(v_max, V);
+    // vmaxps returns its second operand when either is NaN: with the running max second, a NaN
+    // moment is left out of the absmax, as the scalar comparison and CUDA's fmaxf leave it out
+    // (otherwise whether it counted would depend on its lane and position in the block).
+    m_max = _mm512_max_ps(_mm512_andnot_ps(sign, M), m_max);
+    v_max = _mm512_max_ps(V, v_max);
   }
   am = _mm512_reduce_max_ps(m_max);
   av = _mm512_reduce_max_ps(v_max);
@@ -323,10 +335,10 @@ QX_TARGET_AVX512 void adamw_8bit_block_avx512(T* p, const T* g, uint8_t* qm, flo
   for (int k = 0; k < kOptimBlock; k += 16) {
     const __m512 sm = am > 0.0f ? _mm512_div_ps(_mm512_load_ps(m + k), am_new) : zero;
     const __m512 sv = av > 0.0f ? _mm512_div_ps(_mm512_load_ps(v + k), av_new) : zero;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + k),
-                     _mm512_cvtepi32_epi8(count_below16(ts, sm)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qv + k),
-                     _mm512_cvtepi32_epi8(count_below16(tu, sv)));
+    const __m512i cm = nan_to_end16(count_below16(ts, sm), sm, _mm512_load_ps(m + k));
+    const __m512i cv = nan_to_end16(count_below16(tu, sv), sv, _mm512_load_ps(v + k));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + k), _mm512_cvtepi32_epi8(cm));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qv + k), _mm512_cvtepi32_epi8(cv));
   }
 }
 #endif

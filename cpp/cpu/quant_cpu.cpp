@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
                                                      c10::string_view quant_type) {
   check_blocksize_4bit(blocksize);
   const QuantType qt = parse_quant_type(std::string(quant_type));
-  check_float_input(A, "A");
+  check_float_input(A, "w");
   const at::Tensor x = A.contiguous();
   const int64_t n = x.numel();
   auto packed = empty_large({ceil_div(n, 2)}, at::kByte);
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
                           absmax.data_ptr<float>());
   });
   TORCH_CHECK(n == 0 || at::isfinite(absmax).all().item<bool>(),
-              "A contains NaN or Inf; 4-bit quantization needs finite values");
+              "w contains NaN or Inf; 4-bit quantization needs finite values");
   return {packed, absmax};
 }
 
@@ -217,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
                                                                int64_t blocksize) {
   check_float_input(A, "A");
   check_blockwise_8bit_args(code, blocksize, A);
+  check_code_sorted(code);
   const at::Tensor x = A.contiguous();
   const at::Tensor cd = code.contiguous();
   const int64_t n = x.numel();
@@ -257,7 +258,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
           std::memset(qp + start, 0, end - start);
           continue;
         }
+        // Note [Tiny 8-bit blocks]: below 2^-128 the reciprocal overflows to inf, and x * inf is
+        // no quotient (0 * inf is NaN, every other value +-1): such a block divides instead.
+        // bitsandbytes multiplies there too; its codes for such a block are not x / absmax.
         const float inv = 1.0f / am;
+        if (std::isinf(inv)) {
+          for (int64_t i = start; i < end; ++i) qp[i] = table[lut_index(to_f32(xp[i]) / am)];
+          continue;
+        }
         for (int64_t i = start; i < end; ++i) qp[i] = table[lut_index(to_f32(xp[i]) * inv)];
       }
     });
@@ -272,11 +280,11 @@ at::Tensor dequantize_blockwise_8bit_cpu(const at::Tensor& A, const at::Tensor& 
                                          at::ScalarType dtype) {
   check_blockwise_8bit_args(code, blocksize, A);
   check_float_output_dtype(dtype);
-  TORCH_CHECK(A.scalar_type() == at::kByte, "A must be uint8, got ", A.scalar_type());
+  TORCH_CHECK(A.scalar_type() == at::kByte, "q must be uint8, got ", A.scalar_type());
   TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32, got ",
               absmax.scalar_type());
   TORCH_CHECK(absmax.numel() == ceil_div(A.numel(), blocksize), "absmax has ", absmax.numel(),
-              " elements but A has ", A.numel(), " values in blocks of ", blocksize, ", needing ",
+              " elements but q has ", A.numel(), " values in blocks of ", blocksize, ", needing ",
               ceil_div(A.numel(), blocksize));
   const at::Tensor q = A.contiguous(), am = absmax.contiguous(), cd = code.contiguous();
   auto out = empty_large(q.sizes(), dtype);

@@ -32,14 +32,14 @@ def _check_4bit_args(blocksize: int, quant_type: str) -> None:
 
 
 @torch.library.register_fake("qlora_ext::quantize_4bit")
-def _(A, blocksize, quant_type):
+def _(w, blocksize, quant_type):
     _check_4bit_args(blocksize, quant_type)
     torch._check(
-        A.dtype in _FLOATS, lambda: f"A must be float32, float16 or bfloat16, got {A.dtype}"
+        w.dtype in _FLOATS, lambda: f"w must be float32, float16 or bfloat16, got {w.dtype}"
     )
-    n = A.numel()
-    packed = A.new_empty((_ceil_div(n, 2),), dtype=torch.uint8)
-    absmax = A.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
+    n = w.numel()
+    packed = w.new_empty((_ceil_div(n, 2),), dtype=torch.uint8)
+    absmax = w.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
     return packed, absmax
 
 
@@ -110,13 +110,13 @@ def _(A, code, blocksize):
 
 
 @torch.library.register_fake("qlora_ext::dequantize_blockwise_8bit")
-def _(A, absmax, code, blocksize, dtype):
+def _(q, absmax, code, blocksize, dtype):
     torch._check(blocksize > 0, lambda: f"blocksize must be positive, got {blocksize}")
-    torch._check(A.dtype == torch.uint8, lambda: f"A must be uint8, got {A.dtype}")
+    torch._check(q.dtype == torch.uint8, lambda: f"q must be uint8, got {q.dtype}")
     torch._check(
         dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}"
     )
-    return torch.empty_like(A, dtype=dtype)
+    return torch.empty_like(q, dtype=dtype)
 
 
 def _check_gemm(x, x_name, x_last, packed, absmax, N, K, blocksize, quant_type):
@@ -151,7 +151,7 @@ def _check_gemm(x, x_name, x_last, packed, absmax, N, K, blocksize, quant_type):
 
 @torch.library.register_fake("qlora_ext::gemm_4bit")
 def _(
-    A,
+    x,
     packed,
     absmax,
     N,
@@ -164,13 +164,13 @@ def _(
     nested_offset=None,
     nested_blocksize=256,
 ):
-    _check_gemm(A, "A", K, packed, absmax, N, K, blocksize, quant_type)
+    _check_gemm(x, "x", K, packed, absmax, N, K, blocksize, quant_type)
     if bias is not None:
         torch._check(
             bias.dim() == 1 and bias.shape[0] == N,
             lambda: f"bias must have shape [{N}], got {list(bias.shape)}",
         )
-    return A.new_empty((*A.shape[:-1], N))
+    return x.new_empty((*x.shape[:-1], N))
 
 
 @torch.library.register_fake("qlora_ext::gemm_4bit_grad_input")
@@ -192,8 +192,8 @@ def _(
 
 
 # ---- autograd for gemm_4bit -----------------------------------------------------------------
-# out = A @ W^T + b with W = dequant(W4) frozen:
-#   dL/dA = dL/dout @ W        (gemm_4bit_grad_input: W is dequantized panel by panel, never whole)
+# out = x @ W^T + b with W = dequant(W4) frozen:
+#   dL/dx = dL/dout @ W        (gemm_4bit_grad_input: W is dequantized panel by panel, never whole)
 #   dL/db = sum of dL/dout over every leading dimension
 # W4, its absmax and the nested state are integer/constant data and get no gradient.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import tempfile
@@ -282,7 +283,9 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _check_config(cfg: dict, path: Path) -> tuple[int, float]:
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
     for key in ("use_dora", "use_rslora"):
         if cfg.get(key):
@@ -291,9 +294,12 @@ def _check_config(cfg: dict, path: Path) -> tuple[int, float]:
         if cfg.get(key):
             raise ValueError(f"{path}: a per-layer {key} is not supported (one r and alpha)")
     r = cfg.get("r")
-    if not isinstance(r, int) or r <= 0:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{path}: r must be a positive integer, got {r!r}")
     alpha = cfg.get("lora_alpha", 8)
+    # JSON numbers only (json reads NaN and Infinity too); the scale alpha / r must be finite.
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
     return r, float(alpha)
 
 
@@ -305,6 +311,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     an adapter whose rank differs from the model's, whose tensors do not fit the layers (a
     different base shape), or whose targets are not exactly this model's LoRA layers.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     d = Path(directory)
     cfg, tensors = _read_adapter(d)
     r, alpha = _check_config(cfg, d / CONFIG_NAME)

@@ -12,6 +12,7 @@ bits per weight at blocksize 64. The nested absmax is undone inside the dequanti
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 
@@ -90,6 +91,70 @@ def _check_tensor(w, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
 
 
+# Note [Public argument names]: an error must name the argument the caller passed. The ops'
+# schema names are the public ones where an op takes the argument itself (w, x, packed, bias);
+# the arguments these functions unpack from a QuantState (absmax, blocksize, quant_type, shape,
+# dtype, nested_*) are renamed in the op's message to the state's field, by _renamed, only
+# once an op has refused (a try block costs nothing while nothing is raised).
+_STATE_NAMES = {
+    "absmax": "state.absmax",
+    "blocksize": "state.blocksize",
+    "quant_type": "state.quant_type",
+    "shape": "state.shape",
+    "dtype": "state.dtype",
+    "nested_absmax": "state.state2.absmax",
+    "nested_code": "state.state2.code",
+    "nested_offset": "state.offset",
+    "nested_blocksize": "state.state2.blocksize",
+}
+
+
+@functools.cache
+def _name_pattern(names: tuple[str, ...]) -> re.Pattern:
+    # Whole words only, and not already qualified ("state.absmax" stays as it is).
+    return re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, names))})(?!\w)")
+
+
+def _renamed(e: Exception, names: dict[str, str]) -> Exception:
+    """`e` again, its message naming each argument by its public name (`names`: op -> public)."""
+    msg = _name_pattern(tuple(names)).sub(lambda m: names[m.group(0)], str(e))
+    try:
+        return type(e)(msg)
+    except Exception:  # an exception type with another constructor
+        return RuntimeError(msg)
+
+
+def _check_state(state, needs_2d: str | None = None) -> None:
+    """What the ops cannot say about a QuantState in its own words: its type, its fields'
+    types, and for a matmul (`needs_2d`: the function's name) a positive 2-D [N, K] shape."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qlora_ext.QuantState, got {type(state).__name__}")
+    if not isinstance(state.absmax, torch.Tensor):
+        raise TypeError(f"state.absmax must be a torch.Tensor, got {type(state.absmax).__name__}")
+    if state.state2 is not None:
+        for name, t in (
+            ("state.offset", state.offset),
+            ("state.state2.absmax", state.state2.absmax),
+            ("state.state2.code", state.state2.code),
+        ):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"{name} must be a torch.Tensor in a double-quantized state, got "
+                    f"{type(t).__name__}"
+                )
+    if needs_2d is not None:
+        shape = state.shape
+        if (
+            len(shape) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            or min(shape) <= 0
+        ):
+            raise ValueError(
+                f"state.shape must be a 2-D [N, K] weight shape with N, K > 0 for {needs_2d}, "
+                f"got {tuple(shape)}"
+            )
+
+
 def quantize_4bit(
     w: torch.Tensor,
     blocksize: int = 64,
@@ -116,9 +181,16 @@ def quantize_4bit(
     if double_quant:
         # bitsandbytes' exact recipe (same torch ops, so the same bits): mean, subtract, 8-bit.
         offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
-        qabsmax, nested_absmax = _ops.quantize_blockwise_8bit(
-            absmax - offset, dynamic_code_8bit(w.device), NESTED_BLOCKSIZE
-        )
+        try:
+            qabsmax, nested_absmax = _ops.quantize_blockwise_8bit(
+                absmax - offset, dynamic_code_8bit(w.device), NESTED_BLOCKSIZE
+            )
+        except RuntimeError as e:  # the absmax are finite, so only their mean can overflow
+            raise ValueError(
+                f"w is too large to double-quantize: the mean of its block absmax overflows "
+                f"float32 (w's largest magnitude is {absmax.max().item():.3g}); quantize it with "
+                "double_quant=False"
+            ) from e
         state.absmax = qabsmax
         state.offset = offset
         state.state2 = NestedState(
@@ -146,20 +218,22 @@ def _nested_args(state: QuantState) -> dict:
 def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """Undo quantize_4bit: a tensor of `state.shape` and `state.dtype`."""
     _check_tensor(packed, "packed")
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a qlora_ext.QuantState, got {type(state).__name__}")
+    _check_state(state)
     if packed.dtype != torch.uint8:
         # bitsandbytes allows packed bytes stored in a float dtype (quant_storage, for FSDP).
         packed = packed.contiguous().view(torch.uint8)
-    return _ops.dequantize_4bit(
-        packed.reshape(-1),
-        state.absmax,
-        state.blocksize,
-        state.quant_type,
-        list(state.shape),
-        state.dtype,
-        **_nested_args(state),
-    )
+    try:
+        return _ops.dequantize_4bit(
+            packed.reshape(-1),
+            state.absmax,
+            state.blocksize,
+            state.quant_type,
+            list(state.shape),
+            state.dtype,
+            **_nested_args(state),
+        )
+    except (RuntimeError, TypeError, ValueError) as e:  # Note [Public argument names]
+        raise _renamed(e, _STATE_NAMES) from None
 
 
 def quantize_blockwise_8bit(
@@ -201,21 +275,22 @@ def matmul_4bit(
     another one.
     """
     _check_tensor(x, "x")
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a qlora_ext.QuantState, got {type(state).__name__}")
-    if len(state.shape) != 2:
-        raise ValueError(f"matmul_4bit needs a 2-D [N, K] weight, got shape {tuple(state.shape)}")
+    _check_tensor(packed, "packed")
+    _check_state(state, "matmul_4bit")
     N, K = state.shape
     if packed.dtype != torch.uint8:
         packed = packed.contiguous().view(torch.uint8)
-    return _ops.gemm_4bit(
-        x,
-        packed.reshape(-1),
-        state.absmax,
-        N,
-        K,
-        state.blocksize,
-        state.quant_type,
-        bias,
-        **_nested_args(state),
-    )
+    try:
+        return _ops.gemm_4bit(
+            x,
+            packed.reshape(-1),
+            state.absmax,
+            N,
+            K,
+            state.blocksize,
+            state.quant_type,
+            bias,
+            **_nested_args(state),
+        )
+    except (RuntimeError, TypeError, ValueError) as e:  # Note [Public argument names]
+        raise _renamed(e, _STATE_NAMES) from None

@@ -37,8 +37,8 @@ import math
 import torch
 from torch import nn
 
-from .functional import _nested_args
-from .nn import Linear4bit
+from .functional import _STATE_NAMES, _check_state, _check_tensor, _nested_args, _renamed
+from .nn import Linear4bit, _check_compute_dtype, _check_input
 from .quant_state import QuantState
 
 _ops = torch.ops.qlora_ext
@@ -61,32 +61,44 @@ def lora_4bit(
     ``torch.compile(fullgraph=True)``. With ``dropout_p > 0``, ``seed`` (a one-element int64
     tensor) fixes the mask; None draws one from torch's default generator.
     """
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a qlora_ext.QuantState, got {type(state).__name__}")
-    if len(state.shape) != 2:
-        raise ValueError(f"lora_4bit needs a 2-D [N, K] weight, got shape {tuple(state.shape)}")
+    _check_tensor(x, "x")
+    _check_tensor(packed, "packed")
+    _check_state(state, "lora_4bit")
     N, K = state.shape
+    scale, dropout_p = _number(scale, "scale"), _number(dropout_p, "dropout_p")
     if packed.dtype != torch.uint8:
         packed = packed.contiguous().view(torch.uint8)
     if dropout_p > 0.0 and seed is None:
         seed = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
-    y, _xa = _ops.lora_4bit_forward(
-        x,
-        packed.reshape(-1),
-        state.absmax,
-        N,
-        K,
-        state.blocksize,
-        state.quant_type,
-        lora_A,
-        lora_B,
-        float(scale),
-        float(dropout_p),
-        seed,
-        bias,
-        **_nested_args(state),
-    )
+    try:
+        y, _xa = _ops.lora_4bit_forward(
+            x,
+            packed.reshape(-1),
+            state.absmax,
+            N,
+            K,
+            state.blocksize,
+            state.quant_type,
+            lora_A,
+            lora_B,
+            scale,
+            dropout_p,
+            seed,
+            bias,
+            **_nested_args(state),
+        )
+    except (RuntimeError, TypeError, ValueError) as e:  # Note [Public argument names]
+        raise _renamed(e, _STATE_NAMES) from None
     return y
+
+
+def _number(v, name: str) -> float:
+    if isinstance(v, (str, bytes)):  # float("2") would accept a string
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}") from None
 
 
 class LoRALinear4bit(Linear4bit):
@@ -165,6 +177,7 @@ class LoRALinear4bit(Linear4bit):
         adapter_dtype: torch.dtype = torch.float32,
     ) -> LoRALinear4bit:
         """Attach a LoRA adapter to an already quantized ``Linear4bit`` (sharing its weight)."""
+        _check_compute_dtype(compute_dtype)
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features = layer.in_features, layer.out_features
@@ -185,6 +198,7 @@ class LoRALinear4bit(Linear4bit):
         return self.lora_alpha / self.r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x)
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .functional import matmul_4bit, quantize_4bit
+from .functional import _renamed, matmul_4bit, quantize_4bit
 from .quant_state import NestedState, QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
@@ -33,6 +33,32 @@ def _autocast_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None):
     if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind), torch.autocast(kind, enabled=False)
     return compute_dtype, contextlib.nullcontext()
+
+
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_compute_dtype(compute_dtype) -> None:
+    # Checked here: a bad one would otherwise surface at the first forward, naming x.
+    if compute_dtype is not None and compute_dtype not in _COMPUTE_DTYPES:
+        raise TypeError(
+            "compute_dtype must be None, torch.float32, torch.float16, torch.bfloat16 or "
+            f"torch.float64, got {compute_dtype!r}"
+        )
+
+
+def _check_input(x) -> None:
+    # Before the cast to compute_dtype, which would turn integers into values and drop the
+    # imaginary part of a complex x without a word.
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {got}")
+
+
+def _check_blocksize(blocksize) -> None:
+    # Before `in_features % blocksize`, which a non-integer or zero blocksize would break.
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
 
 
 class Linear4bit(nn.Module):
@@ -57,10 +83,13 @@ class Linear4bit(nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(
-                f"in_features and out_features must be positive, got {in_features}, {out_features}"
-            )
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        _check_compute_dtype(compute_dtype)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        _check_blocksize(blocksize)
         if in_features % blocksize:
             raise ValueError(
                 f"in_features={in_features} is not a multiple of blocksize={blocksize}: a 4-bit "
@@ -95,6 +124,8 @@ class Linear4bit(nn.Module):
         """Quantize an ``nn.Linear``; its bias is kept in full precision (and trainable)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        _check_compute_dtype(compute_dtype)
+        _check_blocksize(blocksize)
         w = linear.weight.detach()
         m = cls.__new__(cls)
         nn.Module.__init__(m)
@@ -108,7 +139,10 @@ class Linear4bit(nn.Module):
         m.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
         for name in _STATE_BUFFERS:
             m.register_buffer(name, None, persistent=False)
-        m._set_weight(*quantize_4bit(w, blocksize, quant_type, double_quant))
+        try:
+            m._set_weight(*quantize_4bit(w, blocksize, quant_type, double_quant))
+        except (RuntimeError, TypeError, ValueError) as e:  # Note [Public argument names]
+            raise _renamed(e, {"w": "linear.weight"}) from None
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone())
         else:
@@ -268,6 +302,7 @@ class Linear4bit(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x)
         in_dtype = x.dtype
         dtype, ctx = _autocast_dtype(x, self.compute_dtype)  # Note [4-bit ops under autocast]
         if dtype is not None:

@@ -49,6 +49,38 @@ _TORCH_OFF = {
 _GROUP_KEYS = {"params", "lr", "betas", "eps", "weight_decay", "amsgrad"}
 
 
+def _real(v, key: str, name: str) -> float:
+    """A hyperparameter as a float; a string or another object is refused by its key."""
+    if isinstance(v, (str, bytes)) or (torch.is_tensor(v) and v.numel() != 1):
+        raise TypeError(f"{name}: {key} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: {key} must be a number, got {type(v).__name__}") from None
+
+
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _step_error(opt, e: Exception, group_index: int, group: dict) -> Exception:
+    """e, naming the parameter it is about by its place in params (the ops call it param)."""
+    name = type(opt).__name__
+    for i, p in enumerate(group["params"]):
+        if p.grad is None:
+            continue
+        if p.dtype not in _PARAM_DTYPES:
+            return TypeError(
+                f"{name}.step: params[{i}] of param group {group_index} is {p.dtype}; the "
+                "fused AdamW updates float32, float16 and bfloat16 parameters"
+            )
+        if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+            return TypeError(
+                f"{name}.step: params[{i}] of param group {group_index} is {p.dtype} "
+                f"{list(p.shape)} but its grad is {p.grad.dtype} {list(p.grad.shape)}"
+            )
+    return type(e)(f"{name}.step: params of param group {group_index}: {e}")
+
+
 def _cpu_copy(v):
     return v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
 
@@ -107,11 +139,14 @@ class _PagedAdamWBase(torch.optim.Optimizer):
 
     @staticmethod
     def _check_hparams(group: dict, name: str) -> None:
-        lr = group.get("lr", 0.0)
-        b1, b2 = group.get("betas", (0.9, 0.999))
-        eps = group.get("eps", 1e-8)
-        wd = group.get("weight_decay", 0.0)
-        if not float(lr) >= 0.0:
+        lr = _real(group.get("lr", 0.0), "lr", name)
+        betas = group.get("betas", (0.9, 0.999))
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
+        b1, b2 = (_real(b, "betas", name) for b in betas)
+        eps = _real(group.get("eps", 1e-8), "eps", name)
+        wd = _real(group.get("weight_decay", 0.0), "weight_decay", name)
+        if not lr >= 0.0:
             raise ValueError(f"{name}: lr must be >= 0, got {lr}")
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"{name}: betas must be in [0, 1), got {(b1, b2)}")
@@ -156,30 +191,50 @@ class _PagedAdamWBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         done = []
-        for group in self.param_groups:
-            lr = float(group["lr"])
-            beta1, beta2 = (float(b) for b in group["betas"])
-            eps, wd = float(group["eps"]), float(group["weight_decay"])
-            batch = []  # CPU tensors for one multi-tensor call (_update_many)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                st = self.state[p]
-                if not st:
-                    st.update(self._init_state(p))
-                if p.device.type == "cpu" and self._update_many is not None:
-                    batch.append((p, st))  # nothing to page on the CPU
-                    continue
-                self._prefetch(st, True)
-                skipped = self._update(p, p.grad, st, st["step"] + 1, lr, beta1, beta2, eps, wd)
-                if self.page_out:
-                    self._prefetch(st, False)
-                done.append((st, skipped))
-            if batch:
-                counts = self._update_many(batch, lr, beta1, beta2, eps, wd)
-                done.extend((st, c) for (_, st), c in zip(batch, counts, strict=True))
+        for gi, group in enumerate(self.param_groups):
+            try:
+                self._step_group(group, done)
+            except (RuntimeError, TypeError, ValueError) as e:  # Note [Public argument names]
+                raise _step_error(self, e, gi, group) from None
+        self._count(done)
+        return loss
+
+    def _step_group(self, group: dict, done: list) -> None:
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        eps, wd = float(group["eps"]), float(group["weight_decay"])
+        batch = []  # CPU tensors for one multi-tensor call (_update_many)
+        strided = []  # (parameter, the contiguous copy the op updates in its place)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            st = self.state[p]
+            if not st:
+                st.update(self._init_state(p))
+            # The ops update a dense buffer in place; a strided parameter (a transposed view,
+            # say) is updated through a contiguous copy, written back after its update.
+            q = p if p.is_contiguous() else p.contiguous()
+            if q is not p:
+                q.grad = p.grad
+                strided.append((p, q))
+            if p.device.type == "cpu" and self._update_many is not None:
+                batch.append((q, st))  # nothing to page on the CPU
+                continue
+            self._prefetch(st, True)
+            skipped = self._update(q, p.grad, st, st["step"] + 1, lr, beta1, beta2, eps, wd)
+            if self.page_out:
+                self._prefetch(st, False)
+            done.append((st, skipped))
+        if batch:
+            counts = self._update_many(batch, lr, beta1, beta2, eps, wd)
+            done.extend((st, c) for (_, st), c in zip(batch, counts, strict=True))
+        for p, q in strided:
+            q.grad = None
+            p.copy_(q)
+
+    def _count(self, done: list) -> None:
         # One host read per tensor (a sync on the GPU, once per step): a skipped tensor's step
         # counter must not advance, or its bias correction would be off from then on.
         counts = [int(s) for _, s in done]
@@ -196,7 +251,6 @@ class _PagedAdamWBase(torch.optim.Optimizer):
                 self.skipped_last_step,
                 self.nonfinite_last_step,
             )
-        return loss
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
