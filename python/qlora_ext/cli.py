@@ -17,7 +17,8 @@ EPILOG = {
     "  qlora-ext generate --adapter runs/demo/adapter\n"
     "  qlora-ext <command> --help    # each command's options, defaults and examples",
     "finetune": "example:\n  qlora-ext finetune --steps 80 --output-dir runs/demo\n"
-    "  qlora-ext finetune --data my.jsonl --quant-type nf4 --r 16 --lr 2e-4 --epochs 1",
+    "  qlora-ext finetune --data my.jsonl --quant-type nf4 --r 16 --lr 2e-4 --epochs 1\n"
+    "  torchrun --nproc-per-node 2 $(which qlora-ext) finetune --strategy fsdp --batch-size 4",
     "eval": "example:\n  qlora-ext eval --adapter runs/demo/adapter",
     "generate": "example:\n"
     "  qlora-ext generate --adapter runs/demo/adapter --prompt 'What is 7 * 8?'\n"
@@ -136,6 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-size", type=int, default=d.eval_size, help="held-out built-in tasks")
     t.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument(
+        "--strategy",
+        default=d.strategy,
+        choices=["none", "fsdp", "ddp"],
+        help="under torchrun: fsdp shards the model over the processes, ddp replicates it; "
+        "--batch-size is per process, and rank 0 alone prints and writes",
+    )
 
     e = sub.add_parser(
         "eval", help="held-out loss and exact match", formatter_class=_Fmt, epilog=EPILOG["eval"]
@@ -381,6 +389,26 @@ def _read_json_object(path: Path) -> dict:
     return obj
 
 
+def _quiet_unless_rank0() -> str:
+    """Under torchrun, the ranks other than 0 print nothing but errors (stderr): rank 0
+    speaks for the run. Returns the prefix errors carry ("" on rank 0 or without torchrun)."""
+    rank = int(os.environ.get("RANK", "0")) if "WORLD_SIZE" in os.environ else 0
+    if rank == 0:
+        return ""
+    import warnings
+
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+    warnings.simplefilter("ignore")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:  # transformers' "Loading weights" bar writes to stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    return f" (rank {rank})"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # PEFT imports bitsandbytes when it is installed, whose CPU backend then warns that an
@@ -388,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     # tool never runs, printed in the middle of a run.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
+    who = _quiet_unless_rank0() if args.cmd == "finetune" else ""
     from .data import DataError
     from .loading import ModelNotFound
 
@@ -404,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         # Ctrl-C (SIGINT) may land in the middle of a checkpoint write: save_checkpoint then
         # removes its temporary directory, so only complete checkpoints are left to resume from.
         msg = f"qlora-ext {args.cmd}: interrupted"
+        if who:  # rank 0 says where to resume from
+            return 130
         if args.cmd == "finetune":
             from .checkpoint import latest_checkpoint
 
@@ -416,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr)
         return 130  # 128 + SIGINT, what shells report for a process stopped by Ctrl-C
     except (DataError, ModelNotFound, ValueError) as e:
-        print(f"qlora-ext {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"qlora-ext {args.cmd}{who}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]

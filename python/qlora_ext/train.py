@@ -10,6 +10,11 @@ directory (checkpoint.py: safetensors + JSON). A checkpoint holds everything tha
 rest of the run (adapter weights, optimizer and scheduler state, every RNG, the loss history),
 so ``resume=True`` after a kill continues from the last one and reproduces the uninterrupted
 run's loss curve.
+
+Under torchrun with ``strategy="fsdp"`` or ``"ddp"`` the same job runs on N processes
+(ranks.py): each trains on its slice of every global micro-batch, and rank 0 alone prints and
+writes. Evaluation runs on every rank over the whole held-out set (under FSDP each forward needs
+every rank; the results are the same on all of them) and rank 0 reports it.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import random
 import resource
 import sys
@@ -28,6 +32,8 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from . import ranks as R
+from . import report
 from .checkpoint import resume, save_checkpoint
 
 OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw_8bit")
@@ -64,6 +70,7 @@ class TrainConfig:
     save_every: int = 40
     resume: bool = False
     device: str | None = None  # None: cuda if available, else cpu
+    strategy: str = "none"  # none | fsdp | ddp (the last two under torchrun)
     samples: int = 3
 
     def validate(self) -> None:
@@ -85,6 +92,10 @@ class TrainConfig:
                 self.quant_type in ("nf4", "fp4", "int4", "none"),
                 f"--quant-type must be nf4, fp4, int4 or none, got {self.quant_type}",
             ),
+            (
+                self.strategy in R.STRATEGIES,
+                f"--strategy must be one of {', '.join(R.STRATEGIES)}, got {self.strategy}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -92,20 +103,10 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- small helpers
-def _device(cfg: TrainConfig) -> str:
-    if cfg.device:
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def peak_memory_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -164,10 +165,12 @@ def eval_loss(model, items: list[D.Tokenized], batch_size: int, pad_id: int, dev
 
 @torch.no_grad()
 def generate_answers(
-    model, tok, prompts: list, max_new_tokens: int, batch_size: int, device: str
+    model, tok, prompts: list, max_new_tokens: int, batch_size: int, device: str, synced=False
 ) -> list[str]:
     """Greedy answers for chat prompts (lists of messages), batched with left padding. A plain
-    string prompt is continued as is, without the chat template (text data)."""
+    string prompt is continued as is, without the chat template (text data). ``synced``: every
+    rank of an FSDP run generates together (each forward needs them all), so none stops before
+    the others (transformers' synced_gpus)."""
     model.eval()
     side = tok.padding_side
     tok.padding_side = "left"
@@ -190,6 +193,7 @@ def generate_answers(
                 do_sample=False,
                 pad_token_id=tok.pad_token_id,
                 use_cache=True,
+                synced_gpus=synced,
             )
             for row in gen[:, enc["input_ids"].shape[1] :]:
                 out.append(tok.decode(row, skip_special_tokens=True).strip())
@@ -213,10 +217,11 @@ def evaluate(model, tok, eval_items, eval_tok, cfg: TrainConfig, device: str, ex
     """Loss on eval_tok; with `exact`, exact match over eval_items (built-in Examples), else
     only sample generations for the first cfg.samples of eval_items."""
     res = {"loss": eval_loss(model, eval_tok, cfg.eval_batch_size, tok.pad_token_id, device)}
+    synced = cfg.strategy == "fsdp"
     if exact:
         prompts = [e.messages() for e in eval_items]
         answers = generate_answers(
-            model, tok, prompts, cfg.max_new_tokens, cfg.eval_batch_size, device
+            model, tok, prompts, cfg.max_new_tokens, cfg.eval_batch_size, device, synced
         )
         hits = [D.exact_match(a, e.answer) for a, e in zip(answers, eval_items, strict=True)]
         res["exact_match"] = sum(hits) / max(len(hits), 1)
@@ -231,8 +236,9 @@ def evaluate(model, tok, eval_items, eval_tok, cfg: TrainConfig, device: str, ex
     elif eval_items and cfg.samples:
         picked = [_sample(it) for it in eval_items[: cfg.samples]]
         answers = generate_answers(
-            model, tok, [p[0] for p in picked], cfg.max_new_tokens, cfg.eval_batch_size, device
-        )
+            model, tok, [p[0] for p in picked], cfg.max_new_tokens, cfg.eval_batch_size, device,
+            synced,
+        )  # fmt: skip
         res["samples"] = [
             {"prompt": shown, "expected": expected, "answer": a}
             for (_, shown, expected), a in zip(picked, answers, strict=True)
@@ -346,13 +352,24 @@ def _with_response(items: list[D.Tokenized], what: str, seq_len: int, log) -> li
 
 
 def finetune(cfg: TrainConfig, log=print) -> dict:
+    """Runs the job; returns the summary (the same on every rank of a distributed run)."""
     cfg.validate()
+    ranks, device = R.setup(cfg.strategy, cfg.device)
+    try:
+        summary = _finetune(cfg, ranks, device, log if ranks.main else (lambda *a, **k: None))
+    except BaseException:
+        R.teardown(ranks, clean=False)
+        raise
+    R.teardown(ranks, clean=True)
+    return summary
+
+
+def _finetune(cfg: TrainConfig, ranks: R.Ranks, device: str, log) -> dict:
     from .loading import load_model, quant_args
 
     t_start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg)
     compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -378,9 +395,11 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
     if cfg.packing:  # examples back to back, each attending only to itself
         train_tok = D.pack_rows(train_tok, cfg.seq_len, tok.pad_token_id)
         log(f"packing: {len(train_tok)} rows of {cfg.seq_len} tokens")
-    if len(train_tok) < cfg.batch_size:  # _batch_plan could never fill a batch
+    micro = cfg.batch_size * ranks.world  # the global micro-batch
+    if len(train_tok) < micro:  # _batch_plan could never fill a batch
+        per = f" x {ranks.world} processes" if ranks.world > 1 else ""
         raise ValueError(
-            f"{len(train_tok)} training rows is fewer than --batch-size {cfg.batch_size}"
+            f"{len(train_tok)} training rows is fewer than --batch-size {cfg.batch_size}{per}"
             + ("; lower --seq-len or --batch-size" if cfg.packing else "")
         )
     # User data is scored by loss only; its eval items serve the sample generations, topped up
@@ -391,18 +410,27 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
     )
 
     model = _prepare(model, cfg, compute_dtype)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    micro = cfg.batch_size
+    net = R.wrap(model, ranks)  # what trains; `model` evaluates and saves
+    if ranks.world > 1:
+        # Every rank initialised the same adapters from the same seed (FSDP2 does not
+        # broadcast them); dropout masks are each rank's own from here.
+        torch.manual_seed(cfg.seed + ranks.rank)
+    trainable = [p for p in net.parameters() if p.requires_grad]
     if cfg.epochs:
         cfg.steps = max(1, math.ceil(cfg.epochs * len(train_tok) / (micro * cfg.grad_accum)))
     opt = _make_optimizer(cfg, trainable)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(cfg.steps, max(1, int(cfg.warmup_frac * cfg.steps)))
     )
+    log(
+        f"global batch {micro * cfg.grad_accum} = --batch-size {cfg.batch_size} x "
+        f"{ranks.world} process{'es' if ranks.world > 1 else ''} ({cfg.strategy}) x "
+        f"--grad-accum {cfg.grad_accum}"
+    )
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
     start_step, before = 0, None
     if cfg.resume:
-        found = resume(out, model, opt, sched, log)
+        found = resume(out, model, opt, sched, log, ranks, device)
         if found is None:
             log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
         else:
@@ -432,22 +460,27 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
             dynamic_ncols=True,
             file=sys.stdout,
         )
-        if tqdm
+        if tqdm and ranks.main
         else None
     )
     tokens_seen, t_train = 0, time.time()
     for step in range(start_step, cfg.steps):
         model.train()
-        loss_sum = 0.0
+        loss_sum, tokens = 0.0, 0
         for a in range(cfg.grad_accum):
             idx = plan[step * cfg.grad_accum + a]
-            rows = [train_tok[i] for i in idx]
+            n_loss = R.loss_tokens([train_tok[i] for i in idx])  # the global micro-batch's
+            rows = [train_tok[i] for i in R.rank_slice(idx, ranks)]
             inputs = _train_inputs(rows, cfg.packing, tok.pad_token_id, device)
-            loss = model(**inputs).loss
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
+            logits = net(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+            # This rank's part of the global micro-batch's mean (Note [The global-mean loss]).
+            part = R.token_loss_sum(logits, inputs["labels"]) / max(n_loss, 1)
+            (part * (ranks.world / cfg.grad_accum)).backward()
+            loss_sum += part.item() / cfg.grad_accum
             mask = inputs["attention_mask"]
-            tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        loss_sum, tokens = R.all_sum([loss_sum, tokens], ranks, device)
+        tokens_seen += int(tokens)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
@@ -461,14 +494,14 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
                 loss=f"{loss_sum:.3f}",
                 lr=f"{history['lr'][-1]:.2e}",
                 tok_s=f"{tokens_seen / (time.time() - t_train):.0f}",
-                peak=_fmt_bytes(peak_memory_bytes(device)),
+                peak=report.fmt_bytes(peak_memory_bytes(device)),
             )
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             history["eval_step"].append(step + 1)
             history["eval_loss"].append(
                 eval_loss(model, eval_tok, cfg.eval_batch_size, tok.pad_token_id, device)
             )
-            save_checkpoint(out, step + 1, model, opt, sched, history, before=before)
+            save_checkpoint(out, step + 1, model, opt, sched, history, 2, before, ranks, device)
     if bar:
         bar.close()
     train_time = time.time() - t_train
@@ -478,42 +511,31 @@ def finetune(cfg: TrainConfig, log=print) -> dict:
     history["eval_step"].append(cfg.steps)
     history["eval_loss"].append(after["loss"])
     _print_eval("after", after, log)
-    _save_adapter(model, cfg, out / "adapter")
-    save_checkpoint(out, cfg.steps, model, opt, sched, history, before=before)
+    with R.full_trainable(model):
+        if ranks.main:
+            _save_adapter(model, cfg, out / "adapter")
+    save_checkpoint(out, cfg.steps, model, opt, sched, history, 2, before, ranks, device)
 
     summary = {
         "config": dataclasses.asdict(cfg),
         "data_format": fmt,
         "device": device,
+        "world_size": ranks.world,
+        "global_batch_size": micro * cfg.grad_accum,
         "before": before,
         "after": after,
         "history": history,
         "train_seconds": train_time,
         "wall_seconds": time.time() - t_start,
         "tokens_per_second": tokens_seen / max(train_time, 1e-9),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "versions": _versions(),
+        "peak_memory_bytes": peak_memory_bytes(device),  # rank 0's
+        "versions": report.versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _plot(history, out / "loss.png", log)
-    _print_table(summary, log)
+    if ranks.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        report.plot(history, out / "loss.png", log)
+        report.print_table(summary, log)
     return summary
-
-
-def _versions() -> dict:
-    import qlora_ext
-
-    v = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "qlora_ext": qlora_ext.__version__,
-    }
-    for mod in ("transformers", "peft"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except ImportError:
-            pass
-    return v
 
 
 def _print_eval(when: str, res: dict, log) -> None:
@@ -527,41 +549,3 @@ def _print_eval(when: str, res: dict, log) -> None:
     log(line)
     for s in res.get("samples", []):
         log(f"    Q: {s['prompt']}\n    A: {s['answer']!r}   (expected {s['expected']!r})")
-
-
-def _plot(history: dict, path: Path, log) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no loss.png")
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["step"], history["loss"], lw=1, label="train loss")
-    ax.plot(history["eval_step"], history["eval_loss"], "o-", label="held-out loss")
-    ax.set(xlabel="step", ylabel="cross-entropy (response tokens)", title="qlora-ext finetune")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _print_table(s: dict, log) -> None:
-    b, a = s["before"] or {}, s["after"]
-    rows = [("held-out loss", b.get("loss"), a["loss"])]
-    if "exact_match" in a:
-        rows.append(
-            ("exact match %", 100 * b["exact_match"] if b else None, 100 * a["exact_match"])
-        )
-    log("\n                    before      after")
-    for name, x, y in rows:
-        xs = f"{x:10.3f}" if x is not None else "         -"
-        log(f"  {name:<16}{xs} {y:10.3f}")
-    log(
-        f"  steps {s['config']['steps']}, train {s['train_seconds']:.0f} s, "
-        f"{s['tokens_per_second']:.0f} tokens/s, peak memory {_fmt_bytes(s['peak_memory_bytes'])}, "
-        f"wall {s['wall_seconds']:.0f} s"
-    )
-    log(f"  wrote {s['config']['output_dir']}/adapter, summary.json, loss.png, checkpoints/")
