@@ -61,6 +61,10 @@ __all__ += list(_LAZY)
 
 
 def __getattr__(name):
+    if name == "distributed":  # FSDP2 / DDP helpers; imports torch.distributed
+        import importlib
+
+        return importlib.import_module(".distributed", __name__)
     if name in _LAZY:
         import importlib
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import torch
 from torch import nn
@@ -18,7 +19,9 @@ from .functional import _renamed, matmul_4bit, quantize_4bit
 from .quant_state import NestedState, QuantState
 
 _STATE_BUFFERS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
-_QUANT_STATE_ATTRS = frozenset(("weight", "_meta", "in_features", "out_features", *_STATE_BUFFERS))
+_QUANT_STATE_ATTRS = frozenset(
+    ("weight", "_meta", "_state_layout", "in_features", "out_features", *_STATE_BUFFERS)
+)
 
 
 def _autocast_dtype(x: torch.Tensor, compute_dtype: torch.dtype | None):
@@ -61,14 +64,35 @@ def _check_blocksize(blocksize) -> None:
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
 
 
+def _dtensor_type():
+    # Only a model that torch.distributed.tensor has been imported for can hold DTensors; not
+    # importing it here keeps `import qlora_ext` light.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return None if mod is None else mod.DTensor
+
+
 class Linear4bit(nn.Module):
     """``y = x @ dequant(W4)ᵀ + b`` with a frozen 4-bit weight.
 
     The weight is a ``uint8`` parameter (``requires_grad=False``) and the quantization state
-    lives in non-persistent buffers, so ``.to(device)`` moves it and keeps it quantized.
-    ``compute_dtype`` (default: the input's dtype) is the dtype the matmul runs in; the output
-    comes back in the input's dtype. Gradients flow to the input and the bias.
+    lives in non-persistent buffers, so ``.to(device)`` moves it and keeps it quantized
+    (``qlora_ext.distributed.make_fsdp2_shardable`` turns the state into parameters, Note
+    [Quant state as bytes]). ``compute_dtype`` (default: the input's dtype) is the dtype the
+    matmul runs in; the output comes back in the input's dtype. Gradients flow to the input
+    and the bias.
+
+    Note [Quant state as bytes]: FSDP2 shards parameters, not buffers, and its mixed-precision
+    policy casts every floating-point parameter to ``param_dtype`` before the all-gather. A
+    bf16 copy of an fp32 absmax or code table would dequantize a different weight without an
+    error. So a shardable layer (``_state_layout`` is a dict) holds each state tensor as a
+    frozen 1-D ``uint8`` parameter of its raw bytes, which FSDP2 shards on dim 0 and never
+    casts (it casts floating-point parameters only), and ``_state_layout`` records the dtype
+    and shape each is viewed back as at compute. The state_dict is built from the typed views,
+    so its keys and values are the same in both layouts.
     """
+
+    _state_layout: dict | None = None  # Note [Quant state as bytes]
+    _layer_name: str | None = None  # the module's name in its model, for errors
 
     def __init__(
         self,
@@ -230,18 +254,90 @@ class Linear4bit(nn.Module):
                 f"[{self.out_features}, {self.in_features}]"
             )
         self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
-        self.absmax = state.absmax
-        self.quant_map = state.code
         nested = state.state2
-        self.nested_absmax = None if nested is None else nested.absmax
-        self.nested_quant_map = None if nested is None else nested.code
-        self.nested_offset = None if nested is None else state.offset.reshape(())
+        for name, t in (
+            ("absmax", state.absmax),
+            ("quant_map", state.code),
+            ("nested_absmax", None if nested is None else nested.absmax),
+            ("nested_quant_map", None if nested is None else nested.code),
+            ("nested_offset", None if nested is None else state.offset.reshape(())),
+        ):
+            self._store_state(name, t)
         self._pending = None
         self._meta = dict(
             dtype=state.dtype,
             blocksize=state.blocksize,
             quant_type=state.quant_type,
             nested_blocksize=None if nested is None else nested.blocksize,
+        )
+
+    def _store_state(self, name: str, t: torch.Tensor | None) -> None:
+        layout = self._state_layout
+        if layout is None:
+            setattr(self, name, t)
+            return
+        # Note [Quant state as bytes]
+        if t is None:
+            layout.pop(name, None)
+            setattr(self, name, None)
+            return
+        layout[name] = (t.dtype, tuple(t.shape))
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        setattr(self, name, nn.Parameter(raw, requires_grad=False))
+
+    def _state_to_parameters_(self) -> None:
+        """Hold the quantization state as frozen uint8 parameters (Note [Quant state as
+        bytes]); idempotent. Called by ``qlora_ext.distributed.make_fsdp2_shardable``."""
+        if self._state_layout is not None:
+            return
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(self.weight, dtensor):
+            raise RuntimeError(
+                f"{self._describe()}: its weight is already sharded by fully_shard, so its "
+                "quantization state can no longer join it; call "
+                "qlora_ext.distributed.make_fsdp2_shardable(model) before fully_shard"
+            )
+        tensors = {name: getattr(self, name) for name in _STATE_BUFFERS}
+        for name in _STATE_BUFFERS:
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
+        self._state_layout = {}
+        for name, t in tensors.items():
+            self.register_parameter(name, None)
+            self._store_state(name, t)
+        self.__dict__.pop("_quant_state_cache", None)
+
+    def _describe(self) -> str:
+        return f"Linear4bit {self._layer_name!r}" if self._layer_name else "this Linear4bit"
+
+    def _state_tensor(self, name: str) -> torch.Tensor | None:
+        """A state tensor as the kernels read it: its typed view in the byte layout, after
+        checking that it is whole (Note [Gathered together])."""
+        t = getattr(self, name)
+        layout = self._state_layout
+        if t is None or layout is None:
+            return t
+        dtype, shape = layout[name]
+        want = math.prod(shape) * dtype.itemsize
+        if t.dtype != torch.uint8 or t.numel() != want:
+            raise RuntimeError(self._not_whole(f"its {name}", t, f"{want} uint8 bytes"))
+        t = t.reshape(-1)
+        if t.storage_offset() % dtype.itemsize:  # a view must start on an element boundary
+            t = t.clone()
+        return t.view(dtype).view(shape)
+
+    def _not_whole(self, what: str, t: torch.Tensor, want: str) -> str:
+        # Note [Gathered together]: FSDP2 gathers a unit's parameters before its forward. A
+        # packed weight and state that are not both whole here (one of them sharded, or in
+        # another FSDP unit, or called outside its unit's forward) would dequantize with the
+        # wrong scales or read past a shard, so the layer refuses to run.
+        return (
+            f"{self._describe()}: {what} has {t.numel()} elements of {t.dtype} but needs "
+            f"{want}: it is sharded, or not gathered with the rest of the layer. A 4-bit "
+            "layer's packed weight and quantization state must be in one FSDP unit and used "
+            "inside its forward: call qlora_ext.distributed.make_fsdp2_shardable(model) "
+            "before fully_shard (or use qlora_ext.distributed.fully_shard_model), and do not "
+            "fully_shard a piece of a Linear4bit"
         )
 
     def __setattr__(self, name, value):
@@ -267,21 +363,39 @@ class Linear4bit(nn.Module):
                 "this Linear4bit has no weight yet (an empty layer of a model being loaded; "
                 "Note [Empty Linear4bit])"
             )
+        dtensor = _dtensor_type()
+        if dtensor is not None:
+            for name, t in (("weight", self.weight), *self._named_state()):
+                if isinstance(t, dtensor):
+                    raise RuntimeError(
+                        f"{self._describe()}: its {name} is a sharded DTensor: the layer was "
+                        "used outside the forward of the fully_shard unit that gathers it "
+                        "(call the FSDP module, or unshard() it first)"
+                    )
+        want = (self.out_features * self.in_features + 1) // 2
+        if self.weight.numel() != want:  # Note [Gathered together]
+            raise RuntimeError(
+                self._not_whole("its packed weight", self.weight, f"{want} uint8 bytes")
+            )
         state2 = None
-        if self.nested_absmax is not None:
+        nested_absmax = self._state_tensor("nested_absmax")
+        if nested_absmax is not None:
             state2 = NestedState(
-                self.nested_absmax, self.nested_quant_map, meta["nested_blocksize"]
+                nested_absmax, self._state_tensor("nested_quant_map"), meta["nested_blocksize"]
             )
         return QuantState(
-            absmax=self.absmax,
+            absmax=self._state_tensor("absmax"),
             shape=torch.Size((self.out_features, self.in_features)),
-            code=self.quant_map,
+            code=self._state_tensor("quant_map"),
             dtype=meta["dtype"],
             blocksize=meta["blocksize"],
             quant_type=meta["quant_type"],
-            offset=self.nested_offset,
+            offset=self._state_tensor("nested_offset"),
             state2=state2,
         )
+
+    def _named_state(self):
+        return [(n, getattr(self, n)) for n in _STATE_BUFFERS if getattr(self, n) is not None]
 
     def dequantized_weight(self) -> torch.Tensor:
         """The full-precision weight this layer computes with (for inspection and merging)."""
@@ -296,8 +410,13 @@ class Linear4bit(nn.Module):
         super()._apply(fn, recurse)
         self.__dict__.pop("_quant_state_cache", None)  # it may have replaced the weight
         for name, old in saved.items():
-            if old is not None:
-                setattr(self, name, old.to(getattr(self, name).device))
+            if old is None:
+                continue
+            new = getattr(self, name)
+            if self._state_layout is None:
+                setattr(self, name, old.to(new.device))
+            elif new.dtype != torch.uint8:  # Note [Quant state as bytes]: bytes stay bytes
+                setattr(self, name, nn.Parameter(old.detach().to(new.device), False))
         return self
 
     # -- forward ---------------------------------------------------------------------------
