@@ -26,7 +26,6 @@ then the gradient of the one-process loss, up to the order of the fp32 sums.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from dataclasses import dataclass
 
@@ -111,38 +110,18 @@ def teardown(ranks: Ranks, clean: bool) -> None:
         dist.destroy_process_group()
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: the classes transformers never splits across devices
-    (``_no_split_modules``), found through a PEFT wrapper too."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
 def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
-    """The module to train: FSDP2 (each decoder layer, then the root, sharded in place, so the
-    returned module is ``model``), DDP (a wrapper around ``model``) or ``model`` itself.
-    Evaluation and saving use ``model``."""
+    """The module to train: FSDP2 (qlora_ext.distributed.fully_shard_model: each decoder layer,
+    then the root, sharded in place, so the returned module is ``model``), DDP (a wrapper around
+    ``model``) or ``model`` itself. Evaluation and saving use ``model``."""
     if ranks.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from .distributed import fully_shard_model
 
-        layers = _decoder_layers(model)
-        if not layers:
-            raise ValueError(
-                "--strategy fsdp: the model names no decoder layer class (_no_split_modules) "
-                "to shard one by one; use --strategy ddp"
-            )
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        return fully_shard_model(model)
     if ranks.strategy == "ddp":
-        # The quantization state is in buffers: syncing them before every forward would send
-        # the frozen model's state each step, so only the set-up broadcast happens (the option
-        # is forward_sync_buffers from torch 2.14 on, broadcast_buffers before).
-        DDP = nn.parallel.DistributedDataParallel
-        new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-        return DDP(model, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
+        from .distributed import wrap_ddp
+
+        return wrap_ddp(model)
     return model
 
 
