@@ -11,8 +11,8 @@ relative on the tiny model and 1.05e-6 at the third step on the default model (3
 49k-token vocabulary: longer sums), so the losses are held to 1e-5 relative. The pre-training
 evaluation is the same model and code on every rank: exactly equal.
 
-Time (2 cores): the default-model test runs three processes of SmolLM2-135M, about 90 s on
-idle cores (290 s with the cores shared four ways); the tiny-model tests 20-75 s each."""
+Time, measured on 2 cores that other jobs shared (load average 5-9): the default-model test
+(three processes of SmolLM2-135M) 224 s, the tiny-model tests 8-68 s each, 366 s in all."""
 
 import importlib.util
 import json

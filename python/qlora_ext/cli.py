@@ -18,7 +18,7 @@ EPILOG = {
     "  qlora-ext <command> --help    # each command's options, defaults and examples",
     "finetune": "example:\n  qlora-ext finetune --steps 80 --output-dir runs/demo\n"
     "  qlora-ext finetune --data my.jsonl --quant-type nf4 --r 16 --lr 2e-4 --epochs 1\n"
-    "  torchrun --nproc-per-node 2 $(which qlora-ext) finetune --strategy fsdp --batch-size 4",
+    "  torchrun --nproc-per-node 2 -- $(which qlora-ext) finetune --strategy fsdp --batch-size 4",
     "eval": "example:\n  qlora-ext eval --adapter runs/demo/adapter",
     "generate": "example:\n"
     "  qlora-ext generate --adapter runs/demo/adapter --prompt 'What is 7 * 8?'\n"

@@ -1,6 +1,6 @@
 """Rank-aware plumbing of ``qlora-ext finetune`` on several processes.
 
-    torchrun --nproc-per-node 2 $(which qlora-ext) finetune --strategy fsdp ...
+    torchrun --nproc-per-node 2 -- $(which qlora-ext) finetune --strategy fsdp ...
 
 ``setup`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) and starts
 the process group: gloo on the CPU, NCCL on the GPU, where rank r takes ``cuda:LOCAL_RANK``.
@@ -81,7 +81,7 @@ def setup(strategy: str, device: str | None) -> tuple[Ranks, str]:
         raise ValueError(
             f"--strategy {strategy} needs a process group, and RANK, WORLD_SIZE, MASTER_ADDR "
             "and MASTER_PORT are not set: launch with torchrun --nproc-per-node N "
-            f"$(which qlora-ext) finetune --strategy {strategy} ..."
+            f"-- $(which qlora-ext) finetune --strategy {strategy} ..."
         )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
