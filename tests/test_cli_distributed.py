@@ -153,7 +153,25 @@ def test_a_strategy_needs_torchrun_and_torchrun_needs_a_strategy(
     assert cli.main([*argv, "--strategy", "ddp"]) == 2
     err = capsys.readouterr().err
     assert "--strategy ddp needs a process group" in err and "torchrun" in err
+    assert cli.main([*argv, "--strategy", "fsdp", "--optimizer", "paged_adamw"]) == 2
+    assert "use --optimizer adamw with fsdp" in capsys.readouterr().err
     p = torchrun(2, "--model", tiny_dir, "--output-dir", str(tmp_path / "y"), *TINY)
     assert p.returncode != 0
     assert "but --strategy is none" in p.stderr, p.stderr[-3000:]
     assert not (tmp_path / "y" / "summary.json").exists()
+
+
+def test_the_16bit_peft_baseline_on_two_fsdp_ranks_trains_like_one_process(tiny_dir, tmp_path):
+    # PEFT's generate() goes around the root module's forward: the evaluation needs
+    # register_fsdp_forward_method (ranks.wrap) to gather the root's shards for it.
+    args = ["--model", tiny_dir, *TINY, "--steps", "2", "--quant-type", "none"]
+    args += ["--save-every", "100"]
+    ok(one_process(*args, "--batch-size", "4", "--output-dir", str(tmp_path / "one")))
+    out = tmp_path / "two"
+    ok(torchrun(2, *args, "--batch-size", "2", "--strategy", "fsdp", "--output-dir", str(out)))
+    assert_same_run(summary(out), summary(tmp_path / "one"))
+    from safetensors.torch import load_file
+
+    one = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    two = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in two.items()} == {k: v.shape for k, v in one.items()}

@@ -115,9 +115,16 @@ def wrap(model: nn.Module, ranks: Ranks) -> nn.Module:
     then the root, sharded in place, so the returned module is ``model``), DDP (a wrapper around
     ``model``) or ``model`` itself. Evaluation and saving use ``model``."""
     if ranks.strategy == "fsdp":
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
         from .distributed import fully_shard_model
 
-        return fully_shard_model(model)
+        fully_shard_model(model)
+        # generate() is not forward: without this, a PEFT model's generate reaches the base
+        # model around the root's hooks, and the root's own shards (embeddings, output layer)
+        # are never gathered for it.
+        register_fsdp_forward_method(model, "generate")
+        return model
     if ranks.strategy == "ddp":
         from .distributed import wrap_ddp
 

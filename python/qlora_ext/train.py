@@ -93,6 +93,11 @@ class TrainConfig:
                 f"--quant-type must be nf4, fp4, int4 or none, got {self.quant_type}",
             ),
             (
+                self.strategy != "fsdp" or self.optimizer == "adamw",
+                f"--optimizer {self.optimizer} steps plain tensors and --strategy fsdp gives it "
+                "FSDP2's sharded DTensors: use --optimizer adamw with fsdp, or --strategy ddp",
+            ),
+            (
                 self.strategy in R.STRATEGIES,
                 f"--strategy must be one of {', '.join(R.STRATEGIES)}, got {self.strategy}",
             ),
