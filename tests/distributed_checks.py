@@ -48,8 +48,13 @@ class StateWatch:
             got = _typed_state(base)
             for k, ref in self.ref[name].items():
                 t = got.get(k)
-                if t is None or t.dtype != ref.dtype or not torch.equal(t, ref):
-                    self.mismatches.append(f"{name}.{k}: {None if t is None else t.dtype}")
+                if t is None:
+                    self.mismatches.append(f"{name}.{k}: missing")
+                elif t.dtype != ref.dtype or t.shape != ref.shape:
+                    self.mismatches.append(f"{name}.{k}: {t.dtype} {tuple(t.shape)}")
+                elif not torch.equal(t, ref):
+                    diff = int((t != ref).sum())
+                    self.mismatches.append(f"{name}.{k}: {diff} of {t.numel()} values differ")
             self.checked += 1
 
         return check

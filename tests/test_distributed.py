@@ -70,6 +70,16 @@ def hf_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("hf"))
 
 
+@pytest.fixture(scope="module")
+def fsdp(hf_dir, tmp_path_factory):
+    return launch("fsdp", 2, tmp_path_factory.mktemp("dist") / "fsdp.json", hf_dir)
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return launch("ddp", 2, tmp_path_factory.mktemp("dist") / "ddp.json")
+
+
 def check_state_watch(run: dict, steps: int) -> None:
     # Every 4-bit layer's forward of every step read exactly the bytes one process builds.
     assert run["state_mismatches"] == [], run["state_mismatches"][:5]
@@ -77,19 +87,19 @@ def check_state_watch(run: dict, steps: int) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_two_ranks_train_like_one_process(strategy, single, hf_dir, tmp_path):
+def test_two_ranks_train_like_one_process(strategy, single, request):
     ref, ref_t = single
-    got, got_t = launch(strategy, 2, tmp_path / f"{strategy}.json", hf_dir)
+    got, got_t = request.getfixturevalue(strategy)
     assert got["world"] == 2 and got["trainable"] == ref["trainable"]
     assert all("lora_" in n for n in got["trainable"])  # nothing frozen was trained
     for optim in ("adamw", "sgd"):
         r, g = ref["runs"][optim], got["runs"][optim]
+        check_state_watch(r, len(r["losses"]))
+        check_state_watch(g, len(g["losses"]))
         torch.testing.assert_close(
             torch.tensor(g["losses"]), torch.tensor(r["losses"]), rtol=1e-6, atol=0
         )
         assert r["losses"][-1] < r["losses"][0]  # it did train
-        check_state_watch(r, len(r["losses"]))
-        check_state_watch(g, len(g["losses"]))
     if strategy == "ddp":  # the bf16 run is FSDP2's
         ref_t = {k: v for k, v in ref_t.items() if not k.startswith("bf16.")}
     assert set(got_t) == set(ref_t)
@@ -99,43 +109,55 @@ def test_two_ranks_train_like_one_process(strategy, single, hf_dir, tmp_path):
             assert got_t[name].dtype == t.dtype and torch.equal(got_t[name], t), name
         else:
             torch.testing.assert_close(got_t[name], t, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_frozen_bytes_per_rank(strategy, single, request):
+    got = request.getfixturevalue(strategy)[0]
     per_rank, total = got["frozen_bytes_per_rank"], got["frozen_bytes_total"]
-    assert ref["frozen_bytes_per_rank"] == [total]
+    assert single[0]["frozen_bytes_per_rank"] == [total]
     if strategy == "fsdp":
         # Each rank keeps half of every packed weight and of every state tensor (dim 0 is
         # even for each of them here, so FSDP2 pads nothing).
         assert per_rank == [total // 2, total // 2], per_rank
-        # The adapters are sharded too, and trained (their gathered values matched above).
+        # The adapters are sharded too (and trained: their gathered values match above).
         assert got["lora_numel_per_rank"] == [got["lora_numel_total"] // 2] * 2
-        check_fsdp_extras(got, ref)
     else:
         assert per_rank == [total, total]  # DDP replicates the model
-        check_ddp_sent_only_adapters(got)
 
 
-def check_fsdp_extras(got: dict, ref: dict) -> None:
-    # bf16 mixed precision: the same compute dtype at 1 process (FSDP2 over one rank).
-    r, g = ref["runs"]["sgd_bf16"], got["runs"]["sgd_bf16"]
+def test_fsdp_bf16_mixed_precision(single, fsdp):
+    # bf16 mixed precision, against the same compute dtype at 1 process (FSDP2 over one rank).
+    r, g = single[0]["runs"]["sgd_bf16"], fsdp[0]["runs"]["sgd_bf16"]
     check_state_watch(r, len(r["losses"]))
     check_state_watch(g, len(g["losses"]))
     torch.testing.assert_close(
         torch.tensor(g["losses"]), torch.tensor(r["losses"]), rtol=2e-4, atol=0
     )
     assert r["losses"][-1] < r["losses"][0]
+
+
+def test_fsdp_errors_and_single_layers(fsdp):
+    got = fsdp[0]
     # Each configuration that cannot work fails with its error ("ok"), none trains wrongly.
     assert got["errors"] == dict.fromkeys(got["errors"], "ok") and len(got["errors"]) == 3
     # fully_shard on a single Linear4bit with uneven dim-0 sizes computes the same bits.
     assert got["single_layers"] == {"double_quant=True": True, "double_quant=False": True}
-    hf = got["hf"]
+
+
+def test_fsdp_from_pretrained_and_peft(fsdp):
+    hf = fsdp[0]["hf"]
     # transformers' loading path + PEFT: the same loss as unsharded (fp32, order of sums:
     # 1e-6 as above), half the frozen bytes per rank, gradients on every adapter, and every
     # fused layer read its exact bytes.
+    assert hf["state_mismatches"] == [] and hf["state_checked"] == N_LAYERS
     torch.testing.assert_close(hf["loss"], hf["ref_loss"], rtol=1e-6, atol=0)
     assert hf["bytes_per_rank"] == [hf["bytes_total"] // 2] * 2
-    assert hf["lora_grads"] and hf["state_mismatches"] == [] and hf["state_checked"] == N_LAYERS
+    assert hf["lora_grads"]
 
 
-def check_ddp_sent_only_adapters(got: dict) -> None:
+def test_ddp_sends_only_adapter_gradients(ddp):
+    got = ddp[0]
     for optim in ("adamw", "sgd"):
         run = got["runs"][optim]
         # The gradient buckets held the adapters' gradients only, each once per step.
