@@ -181,6 +181,24 @@ def error_checks(rank: int, world: int) -> dict[str, str]:
     out["outside_unit_forward"] = _raises(
         lambda: blocks[0][0](x), "Linear4bit '0.0': its weight is a sharded DTensor"
     )
+    # state_dict() of a sharded model gathers the 4-bit layers: the keys and bits of the
+    # unsharded one (a collective, as any full state_dict); loading a 4-bit weight into a
+    # sharded layer is refused (FSDP2 would go on gathering its own shards over it).
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Sequential(Linear4bit(64, 24)), nn.Sequential(Linear4bit(64, 8)))
+    ref = {k: v.clone() for k, v in small.state_dict().items()}
+    fully_shard_model(small)
+    sd = {
+        k: v.full_tensor() if hasattr(v, "full_tensor") else v
+        for k, v in small.state_dict().items()
+    }
+    same = list(sd) == list(ref) and all(
+        sd[k].dtype == v.dtype and torch.equal(sd[k], v) for k, v in ref.items()
+    )
+    out["state_dict_of_sharded"] = "ok" if same else f"differs: {sorted(set(sd) ^ set(ref))}"
+    out["load_into_sharded"] = _raises(
+        lambda: small.load_state_dict(ref), "0.0.weight: this 4-bit layer is sharded by fully_shard"
+    )
     # A rank's shard of the state (as if the state had been left out of the gather) next to a
     # whole packed weight: the sizes disagree.
     layer = make_fsdp2_shardable(Linear4bit(64, 8, bias=False))
