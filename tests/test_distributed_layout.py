@@ -90,3 +90,35 @@ def test_bad_arguments():
     for flag in ("broadcast_buffers", "forward_sync_buffers"):
         with pytest.raises(ValueError, match=f"{flag}=True would re-send"):
             wrap_ddp(nn.Linear(2, 2), **{flag: True})
+
+
+def test_transformers_and_peft_on_a_shardable_model(tmp_path):
+    """from_pretrained(QloraExtConfig) -> make_fsdp2_shardable -> save_pretrained -> reload:
+    the same checkpoint bytes and logits; PEFT's dispatch wraps the shardable layers."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from tiny_llama import tiny_llama, tokens
+
+    tiny_llama(seed=5).save_pretrained(tmp_path / "fp32")
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    cfg = qlora_ext.QloraExtConfig(compute_dtype=torch.float32)
+    plain = load(tmp_path / "fp32", quantization_config=cfg, dtype=torch.float32)
+    shard = make_fsdp2_shardable(
+        load(tmp_path / "fp32", quantization_config=cfg, dtype=torch.float32)
+    )
+    x = tokens()
+    with torch.no_grad():
+        want = plain(x).logits
+        assert torch.equal(shard(x).logits, want)
+    shard.save_pretrained(tmp_path / "q")
+    again = load(tmp_path / "q", device_map="cpu")
+    a, b = plain.state_dict(), again.state_dict()
+    assert list(a) == list(b) and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    model = peft.get_peft_model(shard, lora)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, want)  # lora_B starts at zero
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
