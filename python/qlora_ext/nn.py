@@ -310,10 +310,9 @@ class Linear4bit(nn.Module):
     def _describe(self) -> str:
         return f"Linear4bit {self._layer_name!r}" if self._layer_name else "this Linear4bit"
 
-    def _state_tensor(self, name: str) -> torch.Tensor | None:
-        """A state tensor as the kernels read it: its typed view in the byte layout, after
-        checking that it is whole (Note [Gathered together])."""
-        t = getattr(self, name)
+    def _state_tensor(self, name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        """State tensor ``t`` (``name``) as the kernels read it: its typed view in the byte
+        layout, after checking that it is whole (Note [Gathered together])."""
         layout = self._state_layout
         if t is None or layout is None:
             return t
@@ -356,7 +355,11 @@ class Linear4bit(nn.Module):
             state = self.__dict__["_quant_state_cache"] = self._build_quant_state()
         return state
 
-    def _build_quant_state(self) -> QuantState:
+    def _build_quant_state(self, tensors: dict | None = None) -> QuantState:
+        # tensors: the packed weight and state to build from instead of the layer's own (the
+        # gathered copies of a sharded layer, _save_to_state_dict).
+        if tensors is None:
+            tensors = {n: getattr(self, n) for n in ("weight", *_STATE_BUFFERS)}
         meta = self._meta
         if meta is None:
             raise RuntimeError(
@@ -365,7 +368,7 @@ class Linear4bit(nn.Module):
             )
         dtensor = _dtensor_type()
         if dtensor is not None:
-            for name, t in (("weight", self.weight), *self._named_state()):
+            for name, t in tensors.items():
                 if isinstance(t, dtensor):
                     raise RuntimeError(
                         f"{self._describe()}: its {name} is a sharded DTensor: the layer was "
@@ -373,29 +376,37 @@ class Linear4bit(nn.Module):
                         "(call the FSDP module, or unshard() it first)"
                     )
         want = (self.out_features * self.in_features + 1) // 2
-        if self.weight.numel() != want:  # Note [Gathered together]
+        if tensors["weight"].numel() != want:  # Note [Gathered together]
             raise RuntimeError(
-                self._not_whole("its packed weight", self.weight, f"{want} uint8 bytes")
+                self._not_whole("its packed weight", tensors["weight"], f"{want} uint8 bytes")
             )
+        t = {n: self._state_tensor(n, tensors[n]) for n in _STATE_BUFFERS}
         state2 = None
-        nested_absmax = self._state_tensor("nested_absmax")
-        if nested_absmax is not None:
+        if t["nested_absmax"] is not None:
             state2 = NestedState(
-                nested_absmax, self._state_tensor("nested_quant_map"), meta["nested_blocksize"]
+                t["nested_absmax"], t["nested_quant_map"], meta["nested_blocksize"]
             )
         return QuantState(
-            absmax=self._state_tensor("absmax"),
+            absmax=t["absmax"],
             shape=torch.Size((self.out_features, self.in_features)),
-            code=self._state_tensor("quant_map"),
+            code=t["quant_map"],
             dtype=meta["dtype"],
             blocksize=meta["blocksize"],
             quant_type=meta["quant_type"],
-            offset=self._state_tensor("nested_offset"),
+            offset=t["nested_offset"],
             state2=state2,
         )
 
-    def _named_state(self):
-        return [(n, getattr(self, n)) for n in _STATE_BUFFERS if getattr(self, n) is not None]
+    def _gathered(self) -> dict | None:
+        """The packed weight and state gathered whole, if FSDP2 holds them sharded (None
+        otherwise). A collective: every rank must call it, as with any full state_dict."""
+        dtensor = _dtensor_type()
+        tensors = {n: getattr(self, n) for n in ("weight", *_STATE_BUFFERS)}
+        if dtensor is None or not any(isinstance(v, dtensor) for v in tensors.values()):
+            return None
+        return {
+            n: v.full_tensor().detach() if isinstance(v, dtensor) else v for n, v in tensors.items()
+        }
 
     def dequantized_weight(self) -> torch.Tensor:
         """The full-precision weight this layer computes with (for inspection and merging)."""
@@ -445,13 +456,17 @@ class Linear4bit(nn.Module):
 
     # -- bitsandbytes-compatible state_dict ---------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        w = self.weight if keep_vars else self.weight.detach()
-        destination[prefix + "weight"] = w
+        # Sharded by FSDP2 (outside a forward): the bitsandbytes-format entries need the whole
+        # tensors, so they are gathered, as a full state_dict gathers every parameter.
+        gathered = None if self._meta is None else self._gathered()
+        w = self.weight if gathered is None else gathered["weight"]
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
         if self._meta is None:  # Note [Empty Linear4bit]
             return
-        for k, v in self.quant_state.as_dict(packed=True).items():
+        state = self.quant_state if gathered is None else self._build_quant_state(gathered)
+        for k, v in state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v
 
     def _load_from_state_dict(
@@ -463,6 +478,14 @@ class Linear4bit(nn.Module):
             missing_keys.append(wkey)
             return
         packed = state_dict[wkey]
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(self.weight, dtensor):
+            # FSDP2 would go on gathering its own shards over whatever was loaded here.
+            errors.append(
+                f"{wkey}: this 4-bit layer is sharded by fully_shard; load its weight before "
+                "sharding (the adapters alone load into a sharded model)"
+            )
+            return
         try:
             if not qs:
                 raise ValueError(
