@@ -26,6 +26,9 @@ EPILOG = {
     "merge": "example:\n  qlora-ext merge --adapter runs/demo/adapter --output-dir runs/merged",
     "quantize": "example:\n  qlora-ext quantize --output runs/smollm2-nf4\n"
     "  qlora-ext finetune --model runs/smollm2-nf4",
+    "plan": "example:\n  qlora-ext plan --model llama-65b --device-memory 48GiB --r 64 "
+    "--optimizer paged_adamw_8bit --gradient-checkpointing\n"
+    "  qlora-ext plan --model runs/my-model --device cpu --json",
 }
 
 
@@ -200,6 +203,16 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="8-bit quantize the 4-bit absmax scales",
     )
+
+    from .planner import add_arguments
+
+    pl = sub.add_parser(
+        "plan",
+        help="the per-rank memory peak of a fine-tune, and whether it fits",
+        formatter_class=_Fmt,
+        epilog=EPILOG["plan"],
+    )
+    add_arguments(pl)
     return ap
 
 
@@ -409,6 +422,12 @@ def _quiet_unless_rank0() -> str:
     return f" (rank {rank})"
 
 
+def _cmd_plan(args) -> int:
+    from .planner import main as plan_main
+
+    return plan_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # PEFT imports bitsandbytes when it is installed, whose CPU backend then warns that an
@@ -426,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": _cmd_generate,
         "merge": _cmd_merge,
         "quantize": _cmd_quantize,
+        "plan": _cmd_plan,
     }[args.cmd]
     try:
         return cmd(args)
