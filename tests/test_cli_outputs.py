@@ -36,7 +36,7 @@ def test_help_of_every_command_shows_every_default_and_an_example():
     parser = cli._parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     assert "example:" in parser.format_help()
-    assert set(subs.choices) == {"finetune", "eval", "generate", "merge", "quantize"}
+    assert set(subs.choices) == {"finetune", "eval", "generate", "merge", "quantize", "plan"}
     for name, sub in subs.choices.items():
         text = " ".join(sub.format_help().split())
         assert "example: qlora-ext " + name in text, name
