@@ -96,7 +96,16 @@ def test_default_model_on_two_fsdp_ranks_trains_like_one_process(tmp_path):
     p = ok(torchrun(2, *args, *two))
     print(f"the default model, 1 process then 2 FSDP ranks: {time.time() - t0:.0f} s")
     assert "global batch 4 = --batch-size 2 x 2 processes (fsdp) x --grad-accum 1" in p.stdout
-    assert_same_run(summary(tmp_path / "two"), summary(tmp_path / "one"))
+    got, ref = summary(tmp_path / "two"), summary(tmp_path / "one")
+    assert_same_run(got, ref)
+    # Each rank holds about half of the 4-bit weights and state (FSDP2 pads each tensor's dim 0
+    # to a multiple of 2: at most one byte per tensor more), and finetune says so.
+    (total,) = ref["frozen_4bit_bytes_per_rank"]
+    per_rank = got["frozen_4bit_bytes_per_rank"]
+    n_tensors = 6 * 7 * 30  # packed weight + 5 state tensors, 7 layers per block, 30 blocks
+    assert total <= sum(per_rank) <= total + n_tensors, (per_rank, total)
+    assert all(abs(b - total / 2) <= n_tensors for b in per_rank), (per_rank, total)
+    assert f"bytes of {total:,}" in p.stdout
 
 
 def test_ddp_ranks_train_like_one_process_and_only_rank_0_speaks(tiny_dir, tmp_path):
@@ -107,6 +116,8 @@ def test_ddp_ranks_train_like_one_process_and_only_rank_0_speaks(tiny_dir, tmp_p
     p = ok(torchrun(2, *args, "--batch-size", "2", "--strategy", "ddp", "--output-dir", str(out)))
     s = summary(out)
     assert s["global_batch_size"] == 8 and s["config"]["strategy"] == "ddp"
+    (total,) = summary(tmp_path / "one")["frozen_4bit_bytes_per_rank"]
+    assert s["frozen_4bit_bytes_per_rank"] == [total, total]  # DDP replicates the model
     assert_same_run(s, summary(tmp_path / "one"))
     # Everything is written once, by rank 0, and the other rank prints nothing at all.
     assert {p.name for p in out.iterdir()} == {"adapter", "summary.json", "loss.png", "checkpoints"}

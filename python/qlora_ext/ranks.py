@@ -165,6 +165,24 @@ def all_sum(values: list[float], ranks: Ranks, device: str) -> list[float]:
     return t.tolist()
 
 
+def frozen_4bit_bytes(model: nn.Module, ranks: Ranks, device: str) -> tuple[list[int], int]:
+    """(the bytes of 4-bit weights and quantization state each rank holds, those of the whole
+    model): under FSDP2 each rank's share, about 1/N of the whole; under DDP the whole."""
+    from .nn import _STATE_BUFFERS, Linear4bit
+
+    local = total = 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            for t in [m.weight] + [getattr(m, n) for n in _STATE_BUFFERS]:
+                if t is not None:
+                    shard = t.to_local() if _is_dtensor(t) else t
+                    local += shard.numel() * shard.element_size()
+                    total += t.numel() * t.element_size()  # a DTensor's numel is the whole
+    one_hot = [0.0] * ranks.world
+    one_hot[ranks.rank] = float(local)
+    return [int(b) for b in all_sum(one_hot, ranks, device)], total
+
+
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 

@@ -432,6 +432,12 @@ def _finetune(cfg: TrainConfig, ranks: R.Ranks, device: str, log) -> dict:
         f"{ranks.world} process{'es' if ranks.world > 1 else ''} ({cfg.strategy}) x "
         f"--grad-accum {cfg.grad_accum}"
     )
+    frozen_per_rank, frozen_total = R.frozen_4bit_bytes(net, ranks, device)
+    if ranks.world > 1:
+        log(
+            "4-bit weights + quantization state per rank: "
+            f"{' / '.join(f'{b:,}' for b in frozen_per_rank)} bytes of {frozen_total:,}"
+        )
     history = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_loss": []}
     start_step, before = 0, None
     if cfg.resume:
@@ -527,6 +533,7 @@ def _finetune(cfg: TrainConfig, ranks: R.Ranks, device: str, log) -> dict:
         "device": device,
         "world_size": ranks.world,
         "global_batch_size": micro * cfg.grad_accum,
+        "frozen_4bit_bytes_per_rank": frozen_per_rank,
         "before": before,
         "after": after,
         "history": history,
