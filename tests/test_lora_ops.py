@@ -128,6 +128,31 @@ def test_every_cpu_isa_gives_the_same_bits_with_dropout(cpu_isa, M):
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("M", [5, 64, 131])
+def test_cpu_fused_dropout_passes_give_the_separate_passes_bits(cpu_isa, M):
+    """Note [Fused dropout passes]: on the CPU dropout(x) is written in one pass and the masked
+    rank-r part of grad_x is added in one pass. Rebuilt here from the separate steps they
+    replace (each fp32 product or sum rounded once, the same at::mm calls), the results must be
+    bitwise equal: xa, grad_A (both from dropout(x)) and grad_x."""
+    packed, state, A, B = make("cpu")
+    p, seed, scale = 0.3, 987654321, 0.75
+    x = torch.randn(M, K)
+    G = torch.randn(M, N)
+    s = torch.tensor([seed])
+    w = weight_args(packed, state)
+    y, xa = ops.lora_4bit_forward(x, *w, A, B, scale, p, s, None, **nested(state))
+    gx, gA, gB = ops.lora_4bit_backward(G, x, xa, *w, A, B, scale, p, s, **nested(state))
+
+    keep = ref.lora_dropout_mask(seed, M * K, p).reshape(M, K)
+    inv_keep = 1.0 / (1.0 - p)  # rounded to fp32 when it scales an fp32 tensor, as in C++
+    dropped = torch.where(keep, x * inv_keep, torch.zeros(()))
+    assert torch.equal(xa, dropped @ A.t())
+    g = (G @ B).mul_(scale)
+    assert torch.equal(gA, g.t() @ dropped)
+    base = ops.gemm_4bit_grad_input(G, *w, **nested(state))
+    assert torch.equal(gx, base + torch.where(keep, (g @ A) * inv_keep, torch.zeros(())))
+
+
 def test_gradcheck_fp64_with_dropout():
     """gradcheck with respect to x, A, B and bias, dropout on (a fixed seed fixes the mask).
     Small shapes: gradcheck perturbs every input element twice."""

@@ -12,53 +12,95 @@
 namespace qlora_ext::cpu {
 namespace {
 
-// One pass of Note [Dropout by seed] over d[lo, hi). The hash is integer arithmetic and the
-// scaling a single rounded multiply (no contraction), so every ISA's copy of this loop gives
-// the same bits. The AVX-512 copy exists because the scalar hash was a tenth of a LoRA layer's
-// time: fwd + bwd at 1024 x 576, r = 16, p = 0.1 took 15.4 ms with it and 14.0 ms without.
-template <typename T>
-inline void dropout_range(T* d, int64_t lo, int64_t hi, uint64_t seed, uint32_t threshold,
-                          T inv_keep) {
+// One pass of Note [Dropout by seed] over [lo, hi): d[i] = dropout(d[i]) (InPlace),
+// d[i] = dropout(s[i]) (Into) or d[i] += dropout(s[i]) (Add; Note [Fused dropout passes]). In
+// place reads d alone, so no run-time alias check can send the vectorized loop to its scalar
+// fallback. The hash is integer
+// arithmetic, the scaling a single rounded multiply and the add a single rounded add (no
+// contraction), so every ISA's copy of this loop gives the same bits. The AVX-512 copy exists
+// because the scalar hash was a tenth of a LoRA layer's time: fwd + bwd at 1024 x 576, r = 16,
+// p = 0.1 took 15.4 ms with it and 14.0 ms without.
+enum class Mode { InPlace, Into, Add };
+
+template <Mode mode, typename T>
+inline void dropout_range(const T* s, T* d, int64_t lo, int64_t hi, uint64_t seed,
+                          uint32_t threshold, T inv_keep) {
   for (int64_t i = lo; i < hi; ++i) {
-    d[i] = dropout_keep(seed, uint64_t(i), threshold) ? d[i] * inv_keep : T(0);
+    const T x = mode == Mode::InPlace ? d[i] : s[i];
+    const T v = dropout_keep(seed, uint64_t(i), threshold) ? x * inv_keep : T(0);
+    if constexpr (mode == Mode::Add) {
+      d[i] += v;
+    } else {
+      d[i] = v;
+    }
   }
 }
 
 #if QX_X86
 // The same loop compiled for AVX-512, where GCC vectorizes the 64-bit hash (vpmullq). AVX2
 // has no 64-bit multiply: its emulated copy measured no faster than the scalar loop.
-template <typename T>
-QX_TARGET_AVX512 void dropout_range_avx512(T* d, int64_t lo, int64_t hi, uint64_t seed,
+template <Mode mode, typename T>
+QX_TARGET_AVX512 void dropout_range_avx512(const T* s, T* d, int64_t lo, int64_t hi, uint64_t seed,
                                            uint32_t threshold, T inv_keep) {
   for (int64_t i = lo; i < hi; ++i) {
-    d[i] = dropout_keep(seed, uint64_t(i), threshold) ? d[i] * inv_keep : T(0);
+    const T x = mode == Mode::InPlace ? d[i] : s[i];
+    const T v = dropout_keep(seed, uint64_t(i), threshold) ? x * inv_keep : T(0);
+    if constexpr (mode == Mode::Add) {
+      d[i] += v;
+    } else {
+      d[i] = v;
+    }
   }
 }
 #endif
 
-template <typename T>
-void dropout_loop(T* d, int64_t n, uint64_t seed, uint32_t threshold, T inv_keep) {
+template <Mode mode, typename T>
+void dropout_loop(const T* s, T* d, int64_t n, uint64_t seed, uint32_t threshold, T inv_keep) {
   const Isa isa = current_isa();
   at::parallel_for(0, n, int64_t(1) << 14, [&](int64_t lo, int64_t hi) {
 #if QX_X86
-    if (isa == Isa::Avx512) return dropout_range_avx512(d, lo, hi, seed, threshold, inv_keep);
+    if (isa == Isa::Avx512) {
+      return dropout_range_avx512<mode>(s, d, lo, hi, seed, threshold, inv_keep);
+    }
 #endif
-    dropout_range(d, lo, hi, seed, threshold, inv_keep);
+    dropout_range<mode>(s, d, lo, hi, seed, threshold, inv_keep);
   });
 }
 
-void dropout_cpu(at::Tensor& t, uint64_t seed, uint32_t threshold, double inv_keep) {
-  TORCH_CHECK(t.is_contiguous(), "lora dropout needs a contiguous buffer");
-  if (t.scalar_type() == at::kDouble) {
-    dropout_loop(t.data_ptr<double>(), t.numel(), seed, threshold, inv_keep);
+template <Mode mode>
+void dropout_pass(const at::Tensor& src, at::Tensor& dst, uint64_t seed, uint32_t threshold,
+                  double inv_keep) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel(),
+              "lora dropout needs contiguous buffers of one size");
+  TORCH_CHECK(src.scalar_type() == dst.scalar_type(),
+              "lora dropout buffers differ in dtype: ", src.scalar_type(), " and ",
+              dst.scalar_type());
+  if (dst.scalar_type() == at::kDouble) {
+    dropout_loop<mode>(src.const_data_ptr<double>(), dst.data_ptr<double>(), dst.numel(), seed,
+                       threshold, inv_keep);
   } else {
-    TORCH_CHECK(t.scalar_type() == at::kFloat, "lora dropout buffer must be fp32 or fp64, got ",
-                t.scalar_type());
-    dropout_loop(t.data_ptr<float>(), t.numel(), seed, threshold, static_cast<float>(inv_keep));
+    TORCH_CHECK(dst.scalar_type() == at::kFloat, "lora dropout buffer must be fp32 or fp64, got ",
+                dst.scalar_type());
+    dropout_loop<mode>(src.const_data_ptr<float>(), dst.data_ptr<float>(), dst.numel(), seed,
+                       threshold, static_cast<float>(inv_keep));
   }
 }
 
-const LoraBackend kCpu{true, &dropout_cpu};
+void dropout_cpu(at::Tensor& t, uint64_t seed, uint32_t threshold, double inv_keep) {
+  dropout_pass<Mode::InPlace>(t, t, seed, threshold, inv_keep);
+}
+
+void dropout_into_cpu(const at::Tensor& src, at::Tensor& dst, uint64_t seed, uint32_t threshold,
+                      double inv_keep) {
+  dropout_pass<Mode::Into>(src, dst, seed, threshold, inv_keep);
+}
+
+void dropout_add_cpu(const at::Tensor& src, at::Tensor& dst, uint64_t seed, uint32_t threshold,
+                     double inv_keep) {
+  dropout_pass<Mode::Add>(src, dst, seed, threshold, inv_keep);
+}
+
+const LoraBackend kCpu{true, &dropout_cpu, nullptr, &dropout_into_cpu, &dropout_add_cpu};
 
 std::tuple<at::Tensor, at::Tensor> lora_4bit_forward_cpu(
     const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t N, int64_t K,
