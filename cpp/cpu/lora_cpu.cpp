@@ -15,16 +15,16 @@ namespace {
 // One pass of Note [Dropout by seed] over [lo, hi): d[i] = dropout(d[i]) (InPlace),
 // d[i] = dropout(s[i]) (Into) or d[i] += dropout(s[i]) (Add; Note [Fused dropout passes]). In
 // place reads d alone, so no run-time alias check can send the vectorized loop to its scalar
-// fallback. The hash is integer
-// arithmetic, the scaling a single rounded multiply and the add a single rounded add (no
-// contraction), so every ISA's copy of this loop gives the same bits. The AVX-512 copy exists
-// because the scalar hash was a tenth of a LoRA layer's time: fwd + bwd at 1024 x 576, r = 16,
-// p = 0.1 took 15.4 ms with it and 14.0 ms without.
+// fallback. The hash is integer arithmetic, the scaling a single rounded multiply and the add
+// a single rounded add (no contraction), so every ISA's copy of this loop gives the same bits.
+// The AVX-512 copy exists because the scalar hash was a tenth of a LoRA layer's time: fwd + bwd
+// at 1024 x 576, r = 16, p = 0.1 took 15.4 ms with it and 14.0 ms without.
 enum class Mode { InPlace, Into, Add };
 
 template <Mode mode, typename T>
-inline void dropout_range(const T* s, T* d, int64_t lo, int64_t hi, uint64_t seed,
-                          uint32_t threshold, T inv_keep) {
+__attribute__((always_inline)) inline void dropout_range(const T* s, T* d, int64_t lo, int64_t hi,
+                                                         uint64_t seed, uint32_t threshold,
+                                                         T inv_keep) {
   for (int64_t i = lo; i < hi; ++i) {
     const T x = mode == Mode::InPlace ? d[i] : s[i];
     const T v = dropout_keep(seed, uint64_t(i), threshold) ? x * inv_keep : T(0);
@@ -37,20 +37,12 @@ inline void dropout_range(const T* s, T* d, int64_t lo, int64_t hi, uint64_t see
 }
 
 #if QX_X86
-// The same loop compiled for AVX-512, where GCC vectorizes the 64-bit hash (vpmullq). AVX2
-// has no 64-bit multiply: its emulated copy measured no faster than the scalar loop.
+// The same loop inlined into an AVX-512 function, where GCC vectorizes the 64-bit hash
+// (vpmullq). AVX2 has no 64-bit multiply: its emulated copy measured no faster than scalar.
 template <Mode mode, typename T>
 QX_TARGET_AVX512 void dropout_range_avx512(const T* s, T* d, int64_t lo, int64_t hi, uint64_t seed,
                                            uint32_t threshold, T inv_keep) {
-  for (int64_t i = lo; i < hi; ++i) {
-    const T x = mode == Mode::InPlace ? d[i] : s[i];
-    const T v = dropout_keep(seed, uint64_t(i), threshold) ? x * inv_keep : T(0);
-    if constexpr (mode == Mode::Add) {
-      d[i] += v;
-    } else {
-      d[i] = v;
-    }
-  }
+  dropout_range<mode>(s, d, lo, hi, seed, threshold, inv_keep);
 }
 #endif
 
