@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 CXX_SOURCES = $(shell find cpp cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PY_SOURCES = python tests benchmarks scripts
 
-.PHONY: venv build test lint format bench demo clean check-pip-install fuzz
+.PHONY: venv build test lint format bench demo clean check-pip-install fuzz \
+	sanitize sanitize-ci
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt
@@ -31,6 +32,39 @@ test: build
 SEED ?= 1
 fuzz: build
 	QLORA_FUZZ_SCALE=10 QLORA_FUZZ_SEED=$(SEED) $(BIN)/python -m pytest tests/test_fuzz.py -q
+
+# AddressSanitizer + UndefinedBehaviorSanitizer (README, "Sanitizers"): a CPU-only build in
+# build/sanitize, beside .venv's normal install, then the kernel tests under it once per CPU
+# ISA (AVX-512, AVX2, scalar). Any report fails the run. sanitize-ci is the subset CI runs.
+SANITIZE_TESTS = tests/test_quant.py tests/test_matmul.py tests/test_lora_ops.py \
+	tests/test_optim.py tests/test_op_contract.py tests/test_linear4bit.py \
+	tests/test_packing.py tests/test_fuzz_findings.py tests/test_sanitizer.py
+sanitize: $(STAMP)
+	bash scripts/sanitize.sh $(SANITIZE_TESTS)
+
+# Every kernel and ISA path, each against tests/reference.py: 4-bit quantize/dequantize (nf4,
+# fp4, int4; fp32, fp16, bf16; full and partial blocks; double quantization), 8-bit blockwise,
+# the fused small-M GEMM and input gradient (every group size, a partial last chunk), the
+# panels with both BLAS, LoRA with dropout, both AdamW steps, the block cache and its poisoning.
+SANITIZE_CI_TESTS = \
+	tests/test_quant.py::test_cpu_code_paths_agree \
+	tests/test_quant.py::test_double_quant_roundtrip \
+	tests/test_quant.py::test_8bit_matches_reference \
+	tests/test_quant.py::test_large_outputs_reuse_cached_blocks_correctly \
+	tests/test_matmul.py::test_small_m_cpu_kernels_odd_k \
+	tests/test_matmul.py::test_small_m_cpu_grad_input_odd_k_long_n \
+	tests/test_matmul.py::test_both_cpu_panel_blas \
+	tests/test_matmul.py::test_every_gemm_path \
+	tests/test_lora_ops.py::test_forward_backward_match_fp64_reference \
+	tests/test_lora_ops.py::test_every_cpu_isa_gives_the_same_bits_with_dropout \
+	tests/test_optim.py::test_adamw_32bit_matches_reference \
+	tests/test_optim.py::test_adamw_8bit_matches_reference \
+	tests/test_optim.py::test_adamw_32bit_isa_paths_agree_bitwise \
+	tests/test_optim.py::test_adamw_8bit_isa_paths_agree_bitwise \
+	tests/test_optim.py::test_multi_tensor_op_equals_per_tensor_op \
+	tests/test_sanitizer.py
+sanitize-ci: $(STAMP)
+	bash scripts/sanitize.sh $(SANITIZE_CI_TESTS)
 
 # The README's pip line in a fresh venv (CPU torch, CPU-only build), then the CLI on a tiny model.
 check-pip-install:

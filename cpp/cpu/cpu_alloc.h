@@ -13,6 +13,9 @@
 #include <ATen/ATen.h>
 
 #include <cstddef>
+#include <cstdint>
+
+#include "cpu_isa.h"  // QX_ASAN
 
 namespace qlora_ext::cpu {
 
@@ -21,5 +24,12 @@ at::Tensor empty_large(at::IntArrayRef sizes, at::ScalarType dtype);
 
 // Frees every cached block; returns the bytes released.
 size_t empty_large_cache_clear();
+
+#if QX_ASAN
+// Sanitizer builds only: writes one byte at `offset` of a fresh nbytes (>= 32 MB) output, or of
+// its block once freed into the cache (after_free), to show that ASan sees an access past the
+// output or into a cached block (Note [Poisoned cache blocks]; tests/test_sanitizer.py).
+void debug_touch_large_output(int64_t nbytes, int64_t offset, bool after_free);
+#endif
 
 }  // namespace qlora_ext::cpu

@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
+#include <cstdlib>
 
 namespace qlora_ext::cpu {
 
@@ -48,6 +49,18 @@ void set_isa(const std::string& s) {
   TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(detected_isa()), "isa '", s,
               "' is not supported by this CPU (best: ", isa_name(detected_isa()), ")");
   g_isa.store(static_cast<int>(want), std::memory_order_relaxed);
+}
+
+std::string set_isa_from_env() {
+  const char* v = std::getenv("QLORA_EXT_CPU_ISA");
+  if (v == nullptr || *v == '\0') return "";
+  try {
+    set_isa(v);
+  } catch (const c10::Error& e) {
+    return std::string("QLORA_EXT_CPU_ISA is ignored: ") + e.what_without_backtrace() + "; using " +
+           isa_name(detected_isa());
+  }
+  return "";
 }
 
 std::string isa_name(Isa isa) {

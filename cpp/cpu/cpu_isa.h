@@ -16,6 +16,10 @@ Isa current_isa();                   // what the kernels use now
 void set_isa(const std::string& s);  // "auto", "avx512", "avx2" or "scalar"
 std::string isa_name(Isa isa);
 
+// Applies the environment variable QLORA_EXT_CPU_ISA (set_isa's names) if it is set. Returns ""
+// or, for a name that is unknown or beyond this CPU, a warning (the best ISA stays in use).
+std::string set_isa_from_env();
+
 }  // namespace qlora_ext::cpu
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -24,4 +28,16 @@ std::string isa_name(Isa isa);
 #define QX_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #else
 #define QX_X86 0
+#endif
+
+// 1 in AddressSanitizer builds (Note [Sanitizer build] in CMakeLists.txt).
+#if defined(__SANITIZE_ADDRESS__)
+#define QX_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define QX_ASAN 1
+#endif
+#endif
+#ifndef QX_ASAN
+#define QX_ASAN 0
 #endif
