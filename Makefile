@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CXX_SOURCES = $(shell find cpp cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 PY_SOURCES = python tests benchmarks scripts
 
-.PHONY: venv build test lint format bench demo clean check-pip-install fuzz \
+.PHONY: venv build test test-slow lint format bench demo clean check-pip-install fuzz \
 	sanitize sanitize-ci
 
 venv: $(STAMP)
@@ -24,9 +24,14 @@ build: $(STAMP)
 	$(BIN)/python -c "import qlora_ext; print('qlora_ext build:', qlora_ext.build_info())"
 
 # The static CUDA checks (registers, spills, key SASS) run whenever CUDA kernels were built.
+# The slow tests (marked slow: tensors past 2^31 elements) are left out (pyproject's addopts).
 test: build
 	$(BIN)/python scripts/check_cuda_build.py
 	$(BIN)/python -m pytest tests -q
+
+# Only the slow tests: 4-bit quantize, dequantize and matmul past 2^31 elements (~8 GB, 2 min).
+test-slow: build
+	$(BIN)/python -m pytest tests -q -m slow
 
 # Ten times the fuzz cases `make test` runs (about 20,000), with another seed: make fuzz SEED=7.
 SEED ?= 1

@@ -19,6 +19,9 @@ namespace qlora_ext {
 
 enum class QuantType : int { NF4 = 0, FP4 = 1, INT4 = 2 };
 
+// For a >= 0, b > 0; (a + b - 1) / b would overflow for a blocksize near 2^63.
+QX_HD int64_t ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : 1 + (a - 1) / b; }
+
 // NF4: quantiles of N(0, 1), normalised to [-1, 1] (QLoRA, appendix E). Index = code.
 // FP4: bitsandbytes' E2M1 values (bias 2, one subnormal) / 12, indexed by bit pattern; bit 3
 // is the sign. INT4: symmetric absmax, k/7 for k in -7..7, indexed like FP4 (sign in bit 3).

@@ -35,9 +35,6 @@ inline void check_float_output_dtype(at::ScalarType dt) {
               "dtype must be float32, float16 or bfloat16, got ", dt);
 }
 
-// For a >= 0, b > 0; (a + b - 1) / b would overflow for a blocksize near 2^63.
-inline int64_t ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : 1 + (a - 1) / b; }
-
 inline int64_t shape_numel(at::IntArrayRef shape) {
   int64_t n = 1;
   for (auto d : shape) {

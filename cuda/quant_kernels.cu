@@ -186,33 +186,38 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------- 8-bit blockwise
-// Used for the nested absmax (small): one CUDA block per quant block, threads striding over it.
+// Used for the nested absmax (small): one CUDA block per quant block, threads striding over it,
+// and blocks striding over the quant blocks past the grid (a blocksize of 1 over 2^31 values
+// is more quant blocks than a grid may have).
 // @kernel-budget quantize_8bit_kernel: regs<=32 stack<=0 (small inputs: the nested absmax)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    quantize_8bit_kernel(const T* __restrict__ x, int64_t n, int64_t blocksize,
+    quantize_8bit_kernel(const T* __restrict__ x, int64_t n, int64_t blocksize, int64_t nblocks,
                          const float* __restrict__ code, uint8_t* __restrict__ q,
                          float* __restrict__ absmax) {
   __shared__ float s_code[256];
   __shared__ float s_red[kThreads / 32];
   for (int k = threadIdx.x; k < 256; k += blockDim.x) s_code[k] = code[k];
-  const int64_t start = int64_t(blockIdx.x) * blocksize;
-  const int64_t end = min(n, start + blocksize);
-  float m = 0.0f;
-  for (int64_t k = start + threadIdx.x; k < end; k += blockDim.x)
-    m = nan_max(m, fabsf(to_f32(x[k])));
-  for (int off = 16; off > 0; off >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, off));
-  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x / 32] = m;
-  __syncthreads();
-  m = s_red[0];
-  for (int w = 1; w < kThreads / 32; ++w) m = nan_max(m, s_red[w]);
-  if (threadIdx.x == 0) absmax[blockIdx.x] = m;
-  const float inv = m == 0.0f ? 0.0f : div_rn(1.0f, m);
-  const bool tiny = isinf(inv);  // Note [Tiny 8-bit blocks] (cpp/cpu/quant_cpu.cpp)
-  for (int64_t k = start + threadIdx.x; k < end; k += blockDim.x) {
-    // bitsandbytes stores code 0 for an all-zero block.
-    const float v = to_f32(x[k]);
-    q[k] = m == 0.0f ? 0 : quantize_8bit_scaled(s_code, tiny ? div_rn(v, m) : mul_rn(v, inv));
+  for (int64_t qb = blockIdx.x; qb < nblocks; qb += gridDim.x) {
+    const int64_t start = qb * blocksize;
+    const int64_t end = min(n, start + blocksize);
+    float m = 0.0f;
+    for (int64_t k = start + threadIdx.x; k < end; k += blockDim.x)
+      m = nan_max(m, fabsf(to_f32(x[k])));
+    for (int off = 16; off > 0; off >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, off));
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x / 32] = m;
+    __syncthreads();  // also publishes s_code, on the first pass
+    m = s_red[0];
+    for (int w = 1; w < kThreads / 32; ++w) m = nan_max(m, s_red[w]);
+    __syncthreads();  // s_red is read before the next quant block writes it
+    if (threadIdx.x == 0) absmax[qb] = m;
+    const float inv = m == 0.0f ? 0.0f : div_rn(1.0f, m);
+    const bool tiny = isinf(inv);  // Note [Tiny 8-bit blocks] (cpp/cpu/quant_cpu.cpp)
+    for (int64_t k = start + threadIdx.x; k < end; k += blockDim.x) {
+      // bitsandbytes stores code 0 for an all-zero block.
+      const float v = to_f32(x[k]);
+      q[k] = m == 0.0f ? 0 : quantize_8bit_scaled(s_code, tiny ? div_rn(v, m) : mul_rn(v, inv));
+    }
   }
 }
 
@@ -271,11 +276,12 @@ cudaError_t launch_quantize_blockwise_8bit(const void* x, DType dt, int64_t n, i
                                            const float* code, uint8_t* q, float* absmax,
                                            cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  const int64_t nblocks = ceil_div(n, blocksize);  // n + blocksize - 1 may overflow
+  const unsigned grid = unsigned(nblocks < 65536 ? nblocks : 65536);  // block-stride beyond
   return dispatch_dtype(dt, [&](auto tag) {
     using T = decltype(tag);
-    quantize_8bit_kernel<T><<<unsigned(nblocks), kThreads, 0, stream>>>(static_cast<const T*>(x), n,
-                                                                        blocksize, code, q, absmax);
+    quantize_8bit_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), n, blocksize,
+                                                           nblocks, code, q, absmax);
   });
 }
 

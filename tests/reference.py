@@ -124,6 +124,16 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
     return (vals * absmax.float()[idx]).to(dtype).reshape(shape)
 
 
+def dequantize_4bit_elements(packed, absmax, blocksize, quant_type, index):
+    """Elements `index` (flat int64 positions) of a 4-bit tensor in float32: dequantize_4bit's
+    rule, code[nibble] * absmax[block], for a scattered selection of a tensor too large to
+    dequantize whole here."""
+    code = code_4bit(quant_type)
+    byte = packed.reshape(-1)[index // 2].long()
+    q = torch.where(index % 2 == 0, byte >> 4, byte & 0xF)
+    return code[q] * absmax.float()[index // blocksize]
+
+
 def lut_8bit(code: torch.Tensor) -> torch.Tensor:
     mids = 0.5 * (code[:-1] + code[1:])
     i = torch.arange(65536, dtype=torch.float32)

@@ -13,6 +13,7 @@ from torch import nn
 
 import qlora_ext
 import reference as R
+from conftest import DEVICES
 from qlora_ext.optim import PagedAdamW, PagedAdamW8bit, dynamic_map
 from qlora_ext.quant_state import QuantState
 
@@ -75,9 +76,11 @@ def test_blockwise_8bit_of_a_block_below_2_to_the_minus_128():
     assert all(abs(g - w) <= 0.02e-40 for g, w in zip(got, want, strict=True)), got
 
 
-def test_blockwise_8bit_takes_a_blocksize_near_2_to_the_63():
-    # ceil_div(n, blocksize) computed n + blocksize - 1, which wrapped: a negative size.
-    x = torch.randn(300)
+@pytest.mark.parametrize("device", DEVICES)
+def test_blockwise_8bit_takes_a_blocksize_near_2_to_the_63(device):
+    # ceil_div(n, blocksize) computed n + blocksize - 1, which wrapped: a negative size (on
+    # CUDA, the launcher's own block count did the same and asked for a grid of 2^32 - 1).
+    x = torch.randn(300, device=device)
     q, absmax = qlora_ext.quantize_blockwise_8bit(x, blocksize=2**63 - 1)
     q1, absmax1 = qlora_ext.quantize_blockwise_8bit(x, blocksize=300)
     assert torch.equal(q, q1) and torch.equal(absmax, absmax1)

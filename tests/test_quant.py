@@ -95,6 +95,18 @@ def test_8bit_matches_reference(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_8bit_more_blocks_than_one_cuda_grid(device):
+    # The CUDA kernel takes one quant block per CUDA block, at most 65536 of them, and strides
+    # over the rest (more than 2^32 blocks used to wrap the grid size).
+    x = randn((65536 * 2 + 77,), torch.float32, device)
+    code = qlora_ext.dynamic_code_8bit(device)
+    for blocksize in (1, 2):
+        q, absmax = ops.quantize_blockwise_8bit(x, code, blocksize)
+        rq, rabsmax = R.quantize_blockwise_8bit(x.cpu(), code.cpu(), blocksize)
+        assert torch.equal(q.cpu(), rq) and torch.equal(absmax.cpu(), rabsmax), blocksize
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_8bit_zero_block(device):
     x = torch.zeros(512, device=device)
     x[256:] = torch.randn(256)
