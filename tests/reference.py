@@ -113,21 +113,17 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str):
 
 
 def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
-    code = code_4bit(quant_type)
-    p = packed.reshape(-1)
-    q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1).long()
     n = 1
     for d in shape:
         n *= d
-    vals = code[q[:n]]
-    idx = torch.arange(n) // blocksize
-    return (vals * absmax.float()[idx]).to(dtype).reshape(shape)
+    vals = dequantize_4bit_elements(packed, absmax, blocksize, quant_type, torch.arange(n))
+    return vals.to(dtype).reshape(shape)
 
 
 def dequantize_4bit_elements(packed, absmax, blocksize, quant_type, index):
-    """Elements `index` (flat int64 positions) of a 4-bit tensor in float32: dequantize_4bit's
-    rule, code[nibble] * absmax[block], for a scattered selection of a tensor too large to
-    dequantize whole here."""
+    """Elements `index` (flat int64 positions) of a 4-bit tensor in float32, code[nibble] *
+    absmax[block] (the high nibble first): dequantize_4bit is this over every position, and the
+    large-tensor tests take a scattered selection of a tensor too large to dequantize whole."""
     code = code_4bit(quant_type)
     byte = packed.reshape(-1)[index // 2].long()
     q = torch.where(index % 2 == 0, byte >> 4, byte & 0xF)
